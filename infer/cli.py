@@ -15,7 +15,8 @@ from typing import Callable
 from . import __version__
 
 # %% auto #0
-__all__ = ['NOT_BUILT_YET', 'COMMANDS', 'Command', 'env_report', 'run_env', 'run_demo', 'build_parser', 'main']
+__all__ = ['DEMO_CORPUS', 'DEMO_QUERY', 'NOT_BUILT_YET', 'COMMANDS', 'Command', 'env_report', 'run_env', 'run_embed', 'run_demo',
+           'build_parser', 'main']
 
 # %% ../nbs/90_cli.ipynb #6f468421
 class _Parser(argparse.ArgumentParser):
@@ -48,18 +49,93 @@ def run_env(args) -> int:
     return 0
 
 # %% ../nbs/90_cli.ipynb #571135fd
-NOT_BUILT_YET = ('dense embeddings (SentenceEncoder)', 'the paged KV cache', 'the scheduler',
-                 'attention kernels', 'the engine (LLM.generate)')
+def _add_embed_arguments(p: argparse.ArgumentParser):
+    p.add_argument('input', nargs='?', default='-', help='file with one text per line (default: standard input)')
+    p.add_argument('-m', '--model', help='model folder (default: the packaged all-MiniLM-L6-v2)')
+    p.add_argument('-o', '--output', help='write here instead of standard output; a .npy name selects the npy format')
+    p.add_argument('--format', choices=['npy', 'jsonl'], help='output format (default: npy for a .npy output, else jsonl)')
+    p.add_argument('--normalize', action='store_true', help='scale every vector to unit length')
+    p.add_argument('--prompt-name', help="one of the model's prompts, such as query or document")
+    p.add_argument('--batch-size', type=int, help='at most this many texts per batch')
+    p.add_argument('--max-batch-tokens', type=int, help='at most this many (padded) tokens per batch')
+    p.add_argument('--device', help='cpu, cuda, cuda:1, ... (default: the platform\'s device)')
+
+def _read_lines(source: str) -> list[str]:
+    if source == '-': return sys.stdin.read().splitlines()
+    from pathlib import Path
+    path = Path(source)
+    if not path.is_file(): raise FileNotFoundError(f'{source}: no such file')
+    return path.read_text(encoding='utf-8').splitlines()
+
+def _load_encoder(model: str | None, device: str | None):
+    from infer.encoder import SentenceEncoder, minilm_path
+    from infer.platforms import get_current_platform
+    return SentenceEncoder(model or minilm_path(), device=device or get_current_platform().device())
+
+def run_embed(args) -> int:
+    import json, warnings
+    import numpy as np
+    texts = _read_lines(args.input)
+    encoder = _load_encoder(args.model, args.device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        vectors = encoder.encode(texts, normalize_embeddings=args.normalize, prompt_name=args.prompt_name,
+                                 batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens)
+    for w in caught: print(f'infer embed: warning: {w.message}', file=sys.stderr)
+    fmt = args.format or ('npy' if (args.output or '').endswith('.npy') else 'jsonl')
+    if fmt == 'npy':
+        if args.output: np.save(args.output, vectors)
+        else: np.save(sys.stdout.buffer, vectors)
+    else:
+        lines = ''.join(json.dumps({'index': i, 'embedding': [round(float(x), 7) for x in v]}) + '\n' for i, v in enumerate(vectors))
+        if args.output:
+            with open(args.output, 'w') as f: f.write(lines)
+        else: sys.stdout.write(lines)
+    print(f'infer embed: {len(texts)} texts -> {vectors.shape[1] if vectors.ndim == 2 else 0}-dimensional vectors'
+          + (f' in {args.output}' if args.output else ''), file=sys.stderr)
+    return 0
+
+# %% ../nbs/90_cli.ipynb #f39cee92
+DEMO_CORPUS = (
+    'A paged KV cache stores attention keys and values in fixed-size blocks, like pages of virtual memory.',
+    'Prefix caching lets requests that share a prompt prefix reuse the same cached blocks.',
+    'Continuous batching adds and removes requests at every step, so the GPU never waits for a batch to fill.',
+    'Chunked prefill splits a long prompt so that it cannot stall the decoding of other requests.',
+    'Sentence embeddings turn a text into one vector; similar texts get nearby vectors.',
+    'Mean pooling averages the token vectors of a text, leaving out the padding.',
+    'Sorting texts by token count before batching leaves almost no padding to compute.',
+    'A cross-encoder reads a query and a document together and scores how well they match.',
+    'Triton lets you write GPU kernels in Python, compiled for the device at run time.',
+    'Mixture-of-experts layers send each token to a few of many expert networks.',
+    'Tensor parallelism splits each weight matrix across GPUs that compute together.',
+    'The Eiffel Tower is in Paris and was finished in 1889.',
+    'Bread is made from flour, water, salt and yeast.',
+)
+DEMO_QUERY = 'How does a server keep the GPU busy when requests arrive at different times?'
+NOT_BUILT_YET = ('the paged KV cache', 'the scheduler', 'attention kernels', 'the engine (LLM.generate)')
+
+def _add_demo_arguments(p: argparse.ArgumentParser):
+    p.add_argument('--query', default=DEMO_QUERY, help='the question to search the demo corpus with')
+    p.add_argument('--top-k', type=int, default=3, help='how many answers to show')
 
 def run_demo(args) -> int:
+    from infer.encoder import semantic_search
     run_env(args)
-    print(f"\ninfer demo: not built yet: {', '.join(NOT_BUILT_YET)}.")
+    encoder = _load_encoder(None, None)
+    corpus = encoder.encode_document(list(DEMO_CORPUS), convert_to_tensor=True)
+    query = encoder.encode_query(args.query, convert_to_tensor=True)
+    print(f'\nall-MiniLM-L6-v2 embedded {len(DEMO_CORPUS)} texts into {corpus.shape[1]}-dimensional vectors.')
+    print(f'query: {args.query}')
+    for hit in semantic_search(query, corpus, top_k=args.top_k)[0]:
+        print(f"  {hit['score']:.3f}  {DEMO_CORPUS[hit['corpus_id']]}")
+    print(f"\nnot built yet: {', '.join(NOT_BUILT_YET)}.")
     return 0
 
 # %% ../nbs/90_cli.ipynb #75b685c1
 COMMANDS: dict[str, Command] = {
     'env': Command('show the device, dtypes, Triton mode, attention backend and versions', run_env),
-    'demo': Command('run the main job end to end on this machine', run_demo),
+    'embed': Command('embed texts, one per line, into vectors (.npy or JSON lines)', run_embed, _add_embed_arguments),
+    'demo': Command('run the main job end to end on this machine', run_demo, _add_demo_arguments),
 }
 
 def build_parser() -> argparse.ArgumentParser:

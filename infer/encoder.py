@@ -384,28 +384,26 @@ def encode(self: SentenceEncoder, sentences, prompt_name: str | None = None, pro
     features_extra = {'prompt_length': self._prompt_length(prompt)}
     out = None if output_value == 'token_embeddings' else torch.empty((len(texts), dim), device=device, dtype=self._out_dtype())
     tokens_out = [None] * len(texts)
-    pad_id, side = self.tokenizer.pad_token_id or 0, self.tokenizer.padding_side
     chunk = max(_MIN_CHUNK, (batch_size or 0) * 4)
     starts = list(range(0, len(texts), chunk))
     truncated = 0
     progress = _progress(len(texts), show_progress_bar)
+    prepare = lambda start: self._prepare_chunk(texts[start:start + chunk], start, prompt, budget, batch_size, device)
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(self.tokenize, texts[:chunk], prompt) if starts else None
+        pending = pool.submit(prepare, 0) if texts else None
         for start in starts:
-            tokenized = pending.result()
-            nxt = start + chunk
-            pending = pool.submit(self.tokenize, texts[nxt:nxt + chunk], prompt) if nxt < len(texts) else None
-            truncated += tokenized.num_truncated
-            for batch in token_budget_batches(tokenized.lengths, budget, batch_size):
-                ids, mask = pad_batch([tokenized.ids[i] for i in batch], pad_id, side)
-                feats = {'input_ids': _to_device(ids, device), 'attention_mask': _to_device(mask, device), **features_extra}
+            num_truncated, batches = pending.result()
+            pending = pool.submit(prepare, start + chunk) if start + chunk < len(texts) else None
+            truncated += num_truncated
+            for rows, ids, mask in batches:
+                feats = {'input_ids': ids.to(device, non_blocking=True),
+                         'attention_mask': mask.to(device, non_blocking=True), **features_extra}
                 feats = self(feats, truncate_dim=truncate_dim)
-                rows = torch.as_tensor(batch + start, device=device)
-                if out is not None: out[rows] = feats['sentence_embedding'].to(out.dtype)
+                if out is not None: out[rows.to(device, non_blocking=True)] = feats['sentence_embedding'].to(out.dtype)
                 else:
-                    for j, i in enumerate(batch.tolist()):
-                        tokens_out[start + i] = feats['token_embeddings'][j][mask[j].astype(bool)].clone()
-                progress.update(len(batch))
+                    for j, i in enumerate(rows.tolist()):
+                        tokens_out[i] = feats['token_embeddings'][j][mask[j].bool()].clone()
+                progress.update(len(rows))
     progress.close()
     if truncated:
         warnings.warn(f'{truncated} of {len(texts)} texts were longer than max_seq_length={self.max_seq_length} tokens '
@@ -420,15 +418,23 @@ def encode(self: SentenceEncoder, sentences, prompt_name: str | None = None, pro
 
 def _out_dtype(self: SentenceEncoder) -> torch.dtype: return next(self.parameters()).dtype
 
-def _to_device(a: np.ndarray, device: torch.device) -> Tensor:
-    t = torch.from_numpy(a)
-    return t.pin_memory().to(device, non_blocking=True) if device.type == 'cuda' else t.to(device)
+def _prepare_chunk(self: SentenceEncoder, texts: list[str], offset: int, prompt: str | None, budget: int,
+                   batch_size: int | None, device: torch.device) -> tuple[int, list[tuple[Tensor, Tensor, Tensor]]]:
+    "Tokenize a chunk and cut it into padded batches of (output rows, ids, mask), pinned for a GPU."
+    tokenized = self.tokenize(texts, prompt)
+    pad_id, side = self.tokenizer.pad_token_id or 0, self.tokenizer.padding_side
+    batches = []
+    for batch in token_budget_batches(tokenized.lengths, budget, batch_size):
+        arrays = (batch + offset, *pad_batch([tokenized.ids[i] for i in batch], pad_id, side))
+        tensors = tuple(torch.from_numpy(a) for a in arrays)
+        batches.append(tuple(t.pin_memory() for t in tensors) if device.type == 'cuda' else tensors)
+    return tokenized.num_truncated, batches
 
 def _progress(total: int, show: bool | None):
     from tqdm.auto import tqdm
     return tqdm(total=total, desc='Encoding', unit='text', disable=not show)
 
-SentenceEncoder.encode, SentenceEncoder._out_dtype = encode, _out_dtype
+SentenceEncoder.encode, SentenceEncoder._out_dtype, SentenceEncoder._prepare_chunk = encode, _out_dtype, _prepare_chunk
 
 # %% ../nbs/11_encoder.ipynb #77facb8e
 def _named_prompt(self: SentenceEncoder, candidates: tuple[str, ...], kwargs: dict) -> dict:

@@ -30,21 +30,20 @@ STDLIB_MODULES = (
 
 _SENTENCE_END = re.compile(r'(?<=[.!?])\s+(?=[A-Z(`"])')
 
-def _docstrings(module_name: str):
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore')
-            mod = importlib.import_module(module_name)
-    except Exception: return
-    if mod.__doc__: yield inspect.cleandoc(mod.__doc__)
-    for name, obj in sorted(vars(mod).items()):
-        if name.startswith('_') or getattr(obj, '__module__', None) != mod.__name__: continue
-        if not (inspect.isfunction(obj) or inspect.isclass(obj)): continue
-        if obj.__doc__: yield inspect.cleandoc(obj.__doc__)
-        if inspect.isclass(obj):
-            for attr, member in sorted(vars(obj).items()):
-                if not attr.startswith('_') and inspect.isfunction(member) and member.__doc__:
-                    yield inspect.cleandoc(member.__doc__)
+def _docstrings(module_name: str) -> list[str]:
+    "Docstrings of a module and of its public functions, classes and methods."
+    with warnings.catch_warnings():  # importing, and reading some attributes (typing.io), warns of deprecations
+        warnings.simplefilter('ignore')
+        try: mod = importlib.import_module(module_name)
+        except Exception: return []
+        objects = [mod]
+        for name, obj in sorted(vars(mod).items()):
+            if name.startswith('_') or getattr(obj, '__module__', None) != mod.__name__: continue
+            if inspect.isfunction(obj): objects.append(obj)
+            elif inspect.isclass(obj):
+                objects.append(obj)
+                objects += [m for attr, m in sorted(vars(obj).items()) if not attr.startswith('_') and inspect.isfunction(m)]
+        return [inspect.cleandoc(o.__doc__) for o in objects if isinstance(getattr(o, '__doc__', None), str)]
 
 def _license_texts():
     site = Path(sysconfig.get_paths()['purelib'])
@@ -67,7 +66,7 @@ def _pieces(doc: str, keep: str):
 
 @cache
 def _all_texts() -> tuple[str, ...]:
-    sources = [list(_docstrings(m)) for m in STDLIB_MODULES] + [list(_license_texts())]
+    sources = [_docstrings(m) for m in STDLIB_MODULES] + [list(_license_texts())]
     seen, out = set(), []
     for docs in sources:
         for i, doc in enumerate(docs):
