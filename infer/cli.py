@@ -91,7 +91,7 @@ def run_embed(args) -> int:
         if args.output:
             with open(args.output, 'w') as f: f.write(lines)
         else: sys.stdout.write(lines)
-    print(f'infer embed: {len(texts)} texts -> {vectors.shape[1] if vectors.ndim == 2 else 0}-dimensional vectors'
+    print(f'infer embed: {len(texts)} texts -> {vectors.shape[1]}-dimensional vectors'
           + (f' in {args.output}' if args.output else ''), file=sys.stderr)
     return 0
 
