@@ -36,11 +36,10 @@ class Command:
 
 # %% ../nbs/90_cli.ipynb #f5267df0
 def env_report() -> dict[str, str]:
-    from infer.platforms import platform_report
-    from infer.platforms import _module_version
+    from infer.platforms import package_version, platform_report
     rows = {'infer': __version__, **platform_report()}
     for pkg in ('transformers', 'tokenizers', 'safetensors', 'sentence-transformers'):
-        rows[pkg] = _module_version(pkg.replace('-', '_')) or 'not installed'
+        rows[pkg] = package_version(pkg.replace('-', '_')) or 'not installed'
     return rows
 
 def run_env(args) -> int:

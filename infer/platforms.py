@@ -17,9 +17,10 @@ from functools import cache
 import torch
 
 # %% auto #0
-__all__ = ['ATTENTION_BACKENDS', 'BUILTIN_ACCELERATORS', 'PLUGIN_GROUP', 'Probes', 'read_probes', 'Platform', 'CudaPlatform',
-           'RocmPlatform', 'XpuPlatform', 'MpsPlatform', 'CpuPlatform', 'load_platform_plugins', 'PlatformError',
-           'resolve_platform', 'get_current_platform', 'platform_report', 'format_report', 'current_platform']
+__all__ = ['ATTENTION_BACKENDS', 'BUILTIN_ACCELERATORS', 'PLUGIN_GROUP', 'Probes', 'package_version', 'read_probes', 'Platform',
+           'CudaPlatform', 'RocmPlatform', 'XpuPlatform', 'MpsPlatform', 'CpuPlatform', 'load_platform_plugins',
+           'PlatformError', 'resolve_platform', 'get_current_platform', 'platform_report', 'format_report',
+           'current_platform']
 
 # %% ../nbs/00_platforms.ipynb #b53fd46d
 @dataclass(frozen=True)
@@ -41,7 +42,8 @@ class Probes:
     triton_interpret: bool = False  # TRITON_INTERPRET=1 is set
 
 # %% ../nbs/00_platforms.ipynb #c06bd4b9
-def _module_version(name: str) -> str | None:
+def package_version(name: str) -> str | None:
+    "The installed version of package `name`, or None where it cannot be imported."
     if importlib.util.find_spec(name) is None: return None
     try: return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError: return 'unknown'
@@ -58,7 +60,7 @@ def read_probes() -> Probes:
     "Ask torch, once, what this machine has."
     p = dict(torch_version=torch.__version__, cuda_version=torch.version.cuda,
              hip_version=getattr(torch.version, 'hip', None),
-             triton_version=_module_version('triton'), numpy=_module_version('numpy') is not None,
+             triton_version=package_version('triton'), numpy=package_version('numpy') is not None,
              triton_interpret=os.environ.get('TRITON_INTERPRET', '0') == '1')
     if torch.cuda.is_available():
         p.update(cuda_available=True, **_device_probes(torch.cuda))

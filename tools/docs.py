@@ -30,7 +30,8 @@ SITE = ROOT / '_site'
 
 def page_name(nb: Path) -> str:
     "nbdev's naming: `00_platforms.ipynb` becomes `platforms`."
-    return re.sub(r'^\d+[a-zA-Z0-9]*_', '', nb.stem.lower())
+    from nbdev.config import nbpath2html
+    return nbpath2html(nb).stem
 
 
 def process_notebooks() -> Path:

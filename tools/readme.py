@@ -15,7 +15,8 @@ NBS = ROOT / 'nbs'
 
 def readme_text() -> str:
     nb = json.loads((NBS / 'index.ipynb').read_text())
-    pages = {re.sub(r'^\d+[a-zA-Z0-9]*_', '', p.stem): p for p in NBS.glob('*.ipynb')}
+    from nbdev.config import nbpath2html
+    pages = {nbpath2html(p).stem: p for p in NBS.glob('*.ipynb')}
     cells = [''.join(c['source']) for c in nb['cells'] if c['cell_type'] == 'markdown']
     text = '\n\n'.join(cells)
     text = re.sub(r'\]\(([\w-]+)\.html(#[^)]*)?\)',
