@@ -16,8 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from fastcore.basics import patch
 from torch import Tensor, nn
 
+from . import __version__
 from .pooling import Pooling
 
 # %% auto #0
@@ -25,7 +27,7 @@ __all__ = ['ACTIVATIONS', 'SIMILARITY_FUNCTIONS', 'MODULE_TYPES', 'LEGACY_TYPE_N
            'Normalize', 'token_budget_batches', 'pad_batch', 'cos_sim', 'dot_score', 'euclidean_sim', 'manhattan_sim',
            'pairwise_cos_sim', 'pairwise_dot_score', 'pairwise_euclidean_sim', 'pairwise_manhattan_sim',
            'similarity_functions', 'semantic_search', 'resolve_model_folder', 'load_modules', 'SentenceEncoder',
-           'encode', 'encode_query', 'encode_document', 'similarity', 'similarity_pairwise', 'save', 'minilm_path']
+           'minilm_path']
 
 # %% ../nbs/11_encoder.ipynb #e287cac1
 @dataclass
@@ -33,7 +35,6 @@ class Tokenized:
     "Token ids of each text, unpadded, and whether each was truncated to fit `max_seq_length`."
     ids: list[list[int]]
     truncated: list[bool]
-    max_seq_length: int
 
     @property
     def lengths(self) -> np.ndarray: return np.fromiter(map(len, self.ids), dtype=np.int64, count=len(self.ids))
@@ -88,7 +89,7 @@ class Transformer(nn.Module):
     def tokenize(self, texts: list[str]) -> Tokenized:
         if self.do_lower_case: texts = [t.lower() for t in texts]
         encodings = self.backend().encode_batch_fast(texts, add_special_tokens=True)
-        return Tokenized([e.ids for e in encodings], [bool(e.overflowing) for e in encodings], self.max_seq_length)
+        return Tokenized([e.ids for e in encodings], [bool(e.overflowing) for e in encodings])
 
     def forward(self, features: dict) -> dict:
         out = self.auto_model(input_ids=features['input_ids'], attention_mask=features['attention_mask'])
@@ -337,6 +338,7 @@ def _check_texts(sentences) -> tuple[list[str], bool]:
             raise TypeError(f'sentences[{i}] is a {type(t).__name__}, not a string; pass text only (str(x) to convert)')
     return texts, False
 
+@patch
 def _resolve_prompt(self: SentenceEncoder, prompt_name: str | None, prompt: str | None) -> str | None:
     if prompt is not None: return prompt
     name = prompt_name if prompt_name is not None else self.default_prompt_name
@@ -346,18 +348,18 @@ def _resolve_prompt(self: SentenceEncoder, prompt_name: str | None, prompt: str 
         raise ValueError(f'unknown prompt_name {name!r}; this model has the prompts: {known}')
     return self.prompts[name]
 
+@patch
 def _prompt_length(self: SentenceEncoder, prompt: str | None) -> int | None:
     "Tokens of the prompt, without the trailing special token (the count pooling excludes)."
     if not prompt: return None
     ids = self.transformer.tokenize([prompt]).ids[0]
     return len(ids) - (ids[-1] in set(self.tokenizer.all_special_ids))
 
-SentenceEncoder._resolve_prompt, SentenceEncoder._prompt_length = _resolve_prompt, _prompt_length
-
 # %% ../nbs/11_encoder.ipynb #629681b2
 def _default_batch_tokens(device: torch.device) -> int:
     return 16_384 if device.type != 'cpu' else 4_096
 
+@patch
 @torch.inference_mode()
 def encode(self: SentenceEncoder, sentences, prompt_name: str | None = None, prompt: str | None = None,
            batch_size: int | None = None, show_progress_bar: bool | None = None,
@@ -382,7 +384,7 @@ def encode(self: SentenceEncoder, sentences, prompt_name: str | None = None, pro
                          'the longest text would not fit in a batch')
     dim = truncate_dim or self.embedding_dimension
     features_extra = {'prompt_length': self._prompt_length(prompt)}
-    out = None if output_value == 'token_embeddings' else torch.empty((len(texts), dim), device=device, dtype=self._out_dtype())
+    out = None if output_value == 'token_embeddings' else torch.empty((len(texts), dim), device=device, dtype=next(self.parameters()).dtype)
     tokens_out = [None] * len(texts)
     chunk = max(_MIN_CHUNK, (batch_size or 0) * 4)
     starts = list(range(0, len(texts), chunk))
@@ -416,8 +418,7 @@ def encode(self: SentenceEncoder, sentences, prompt_name: str | None = None, pro
         return arr[0] if single else arr
     return out[0] if single else list(out)
 
-def _out_dtype(self: SentenceEncoder) -> torch.dtype: return next(self.parameters()).dtype
-
+@patch
 def _prepare_chunk(self: SentenceEncoder, texts: list[str], offset: int, prompt: str | None, budget: int,
                    batch_size: int | None, device: torch.device) -> tuple[int, list[tuple[Tensor, Tensor, Tensor]]]:
     "Tokenize a chunk and cut it into padded batches of (output rows, ids, mask), pinned for a GPU."
@@ -434,34 +435,35 @@ def _progress(total: int, show: bool | None):
     from tqdm.auto import tqdm
     return tqdm(total=total, desc='Encoding', unit='text', disable=not show)
 
-SentenceEncoder.encode, SentenceEncoder._out_dtype, SentenceEncoder._prepare_chunk = encode, _out_dtype, _prepare_chunk
-
 # %% ../nbs/11_encoder.ipynb #77facb8e
+@patch
 def _named_prompt(self: SentenceEncoder, candidates: tuple[str, ...], kwargs: dict) -> dict:
     if 'prompt' in kwargs or 'prompt_name' in kwargs: return kwargs
     name = next((c for c in candidates if c in self.prompts), None)
     return {**kwargs, 'prompt_name': name} if name else kwargs
 
+@patch
 def encode_query(self: SentenceEncoder, sentences, **kwargs):
     "`encode` with the model's query prompt, if it has one."
-    return self.encode(sentences, **_named_prompt(self, ('query',), kwargs))
+    return self.encode(sentences, **self._named_prompt(('query',), kwargs))
 
+@patch
 def encode_document(self: SentenceEncoder, sentences, **kwargs):
     "`encode` with the model's document prompt (`document`, `passage` or `corpus`), if it has one."
-    return self.encode(sentences, **_named_prompt(self, ('document', 'passage', 'corpus'), kwargs))
+    return self.encode(sentences, **self._named_prompt(('document', 'passage', 'corpus'), kwargs))
 
+@patch
 def similarity(self: SentenceEncoder, a, b) -> Tensor:
     "Similarity of every row of `a` with every row of `b`, by the model's similarity function."
     return similarity_functions(self.similarity_fn_name)[0](a, b)
 
+@patch
 def similarity_pairwise(self: SentenceEncoder, a, b) -> Tensor:
     "Similarity of row i of `a` with row i of `b`."
     return similarity_functions(self.similarity_fn_name)[1](a, b)
 
-SentenceEncoder.encode_query, SentenceEncoder.encode_document = encode_query, encode_document
-SentenceEncoder.similarity, SentenceEncoder.similarity_pairwise = similarity, similarity_pairwise
-
 # %% ../nbs/11_encoder.ipynb #8609fca0
+@patch
 def save(self: SentenceEncoder, path: str | Path):
     "Write a sentence-transformers folder."
     folder = Path(path)
@@ -473,16 +475,10 @@ def save(self: SentenceEncoder, path: str | Path):
         entries.append({'idx': idx, 'name': str(idx), 'path': sub, 'type': LEGACY_TYPE_NAMES[type(module)]})
     (folder / 'modules.json').write_text(json.dumps(entries, indent=2))
     import transformers
-    config = {'__version__': {'infer': _infer_version(), 'transformers': transformers.__version__, 'pytorch': torch.__version__},
+    config = {'__version__': {'infer': __version__, 'transformers': transformers.__version__, 'pytorch': torch.__version__},
               'prompts': self.prompts, 'default_prompt_name': self.default_prompt_name,
               'similarity_fn_name': self.similarity_fn_name}
     (folder / 'config_sentence_transformers.json').write_text(json.dumps(config, indent=2))
-
-def _infer_version() -> str:
-    from infer import __version__
-    return __version__
-
-SentenceEncoder.save = save
 
 # %% ../nbs/11_encoder.ipynb #49977334
 def minilm_path() -> Path:
