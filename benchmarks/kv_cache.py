@@ -48,7 +48,6 @@ import gc
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -57,49 +56,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from anchor import load_anchor_and_report, sig  # noqa: E402
 from infer.paging import KVCacheManager  # noqa: E402
 from infer.requests import Request, RequestStatus, SamplingParams  # noqa: E402
 
 VOCAB = 32000
-
-
-def sig(xs: list[float]) -> list[float]: return [float(f'{x:.4g}') for x in xs]
-
-
-def infer_version() -> dict:
-    "The commit infer was measured at, and whether its sources had uncommitted changes."
-    root = Path(__file__).resolve().parent.parent
-    def git(*a):
-        try: return subprocess.run(['git', *a], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
-        except Exception: return ''
-    return dict(commit=git('rev-parse', '--short', 'HEAD'), dirty=bool(git('status', '--porcelain', 'infer', 'nbs')))
-
-
-def load_vllm(path: str):
-    "vLLM's KV cache pieces, imported from `path`: (namespace, version, None), or (None, None, why not)."
-    if not path: return None, None, 'no --anchor-path given'
-    if not (Path(path) / 'vllm').is_dir():
-        return None, None, f'no vllm package under {path} (see the install commands at the top of this script)'
-    torch_version = torch.__version__
-    sys.path.insert(0, path)
-    os.environ.setdefault('VLLM_LOGGING_LEVEL', 'ERROR')
-    os.environ.setdefault('VLLM_TARGET_DEVICE', 'cpu')
-    try:
-        import vllm
-        from vllm.sampling_params import SamplingParams as VSamplingParams
-        from vllm.utils.hashing import get_hash_fn_by_name
-        from vllm.v1.core.kv_cache_manager import KVCacheManager as VKVCacheManager
-        from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
-        from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
-        from vllm.v1.request import Request as VRequest, RequestStatus as VRequestStatus
-    except Exception as e:  # an anchor that does not import is reported, not fatal
-        return None, None, f'importing vLLM from {path} failed: {type(e).__name__}: {e}'
-    assert torch.__version__ == torch_version, 'the anchor folder must not bring its own torch'
-    ns = argparse.Namespace(VSamplingParams=VSamplingParams, get_hash_fn_by_name=get_hash_fn_by_name,
-                            VKVCacheManager=VKVCacheManager, get_request_block_hasher=get_request_block_hasher,
-                            init_none_hash=init_none_hash, FullAttentionSpec=FullAttentionSpec, KVCacheConfig=KVCacheConfig,
-                            KVCacheGroupSpec=KVCacheGroupSpec, VRequest=VRequest, VRequestStatus=VRequestStatus)
-    return ns, vllm.__version__, None
 
 
 def prompts(n: int, lo: int, hi: int, rng: np.random.Generator, first: int) -> list[list[int]]:
@@ -242,15 +204,7 @@ def main():
     d_lo, d_hi = map(int, args.decode_lengths.split(','))
     max_model_len = max(p_hi, d_hi + steps + 1) + bs
 
-    t0 = time.perf_counter()
-    v, vllm_version, why = load_vllm(args.anchor_path)
-    if v is None: print(f'anchor unavailable, infer alone: {why}', flush=True)
-    else: print(f'anchor: vLLM {vllm_version} from {args.anchor_path} (import {time.perf_counter() - t0:.1f} s), '
-                f'hash {args.vllm_hash}; torch {torch.__version__}', flush=True)
-
-    iv = infer_version()
-    print(f"infer {iv['commit']}{' (uncommitted changes)' if iv['dirty'] else ''}; load average {os.getloadavg()[0]:.1f} "
-          f'on {os.cpu_count()} CPUs', flush=True)
+    v, vllm_version, why, iv = load_anchor_and_report(args.anchor_path, args.vllm_hash)
     rng = np.random.default_rng(args.seed)
     first = iter(range(VOCAB, 1 << 40, 1 << 16))   # first-token ranges: no prompt shares its first token with another
     libs = ['infer'] + (['vllm'] if v is not None else [])

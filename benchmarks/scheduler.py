@@ -28,7 +28,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +37,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from anchor import load_anchor_and_report, sig  # noqa: E402
 from infer.paging import KVCacheManager, cdiv  # noqa: E402
 from infer.requests import Request, SamplingParams  # noqa: E402
 from infer.scheduler import Scheduler, SchedulerConfig  # noqa: E402
@@ -47,53 +48,6 @@ LLAMA_8B = {'architectures': ['LlamaForCausalLM'], 'model_type': 'llama', 'hidde
             'num_attention_heads': 32, 'num_hidden_layers': 32, 'num_key_value_heads': 8, 'vocab_size': 128256,
             'max_position_embeddings': 131072, 'rms_norm_eps': 1e-05, 'rope_theta': 500000.0, 'torch_dtype': 'bfloat16',
             'bos_token_id': 128000, 'eos_token_id': 128001, 'hidden_act': 'silu', 'tie_word_embeddings': False}
-
-
-def sig(xs: list[float]) -> list[float]: return [float(f'{x:.4g}') for x in xs]
-
-
-def infer_version() -> dict:
-    "The commit infer was measured at, and whether its sources had uncommitted changes."
-    root = Path(__file__).resolve().parent.parent
-    def git(*a):
-        try: return subprocess.run(['git', *a], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
-        except Exception: return ''
-    return dict(commit=git('rev-parse', '--short', 'HEAD'), dirty=bool(git('status', '--porcelain', 'infer', 'nbs')))
-
-
-def load_vllm(path: str):
-    "vLLM's scheduler pieces, imported from `path`: (namespace, version, None), or (None, None, why not)."
-    if not path: return None, None, 'no --anchor-path given'
-    if not (Path(path) / 'vllm').is_dir():
-        return None, None, f'no vllm package under {path} (see the install commands in benchmarks/kv_cache.py)'
-    torch_version = torch.__version__
-    sys.path.insert(0, path)
-    # ModelConfig inspects the model class in a subprocess, which must find the same vllm.
-    os.environ['PYTHONPATH'] = os.pathsep.join([path] + ([os.environ['PYTHONPATH']] if os.environ.get('PYTHONPATH') else []))
-    os.environ.setdefault('VLLM_LOGGING_LEVEL', 'ERROR')
-    os.environ.setdefault('VLLM_TARGET_DEVICE', 'cpu')
-    os.environ.setdefault('HF_HUB_OFFLINE', '1')
-    try:
-        import vllm
-        from vllm.config import CacheConfig, ModelConfig, SchedulerConfig as VSchedulerConfig, VllmConfig
-        from vllm.sampling_params import SamplingParams as VSamplingParams
-        from vllm.utils.hashing import get_hash_fn_by_name
-        from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
-        from vllm.v1.core.sched.scheduler import Scheduler as VScheduler
-        from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
-        from vllm.v1.outputs import ModelRunnerOutput
-        from vllm.v1.request import Request as VRequest
-        from vllm.v1.structured_output import StructuredOutputManager
-    except Exception as e:  # an anchor that does not import is reported, not fatal
-        return None, None, f'importing vLLM from {path} failed: {type(e).__name__}: {e}'
-    assert torch.__version__ == torch_version, 'the anchor folder must not bring its own torch'
-    ns = argparse.Namespace(CacheConfig=CacheConfig, ModelConfig=ModelConfig, VSchedulerConfig=VSchedulerConfig,
-                            VllmConfig=VllmConfig, VSamplingParams=VSamplingParams, get_hash_fn_by_name=get_hash_fn_by_name,
-                            get_request_block_hasher=get_request_block_hasher, init_none_hash=init_none_hash,
-                            VScheduler=VScheduler, FullAttentionSpec=FullAttentionSpec, KVCacheConfig=KVCacheConfig,
-                            KVCacheGroupSpec=KVCacheGroupSpec, ModelRunnerOutput=ModelRunnerOutput, VRequest=VRequest,
-                            StructuredOutputManager=StructuredOutputManager)
-    return ns, vllm.__version__, None
 
 
 class InferSide:
@@ -188,15 +142,7 @@ def main():
     max_tokens = total_steps + 64   # nobody finishes while we measure
     num_blocks = args.running * cdiv(max_model_len, bs) + 1024
 
-    t0 = time.perf_counter()
-    v, vllm_version, why = load_vllm(args.anchor_path)
-    if v is None: print(f'anchor unavailable, infer alone: {why}', flush=True)
-    else: print(f'anchor: vLLM {vllm_version} from {args.anchor_path} (import {time.perf_counter() - t0:.1f} s), '
-                f'hash {args.vllm_hash}; torch {torch.__version__}', flush=True)
-
-    iv = infer_version()
-    print(f"infer {iv['commit']}{' (uncommitted changes)' if iv['dirty'] else ''}; load average {os.getloadavg()[0]:.1f} "
-          f'on {os.cpu_count()} CPUs', flush=True)
+    v, vllm_version, why, iv = load_anchor_and_report(args.anchor_path, args.vllm_hash)
     rng = np.random.default_rng(args.seed)
     n = args.running + args.waiting
     lengths = rng.integers(lo_hi[0], lo_hi[1] + 1, size=n)
