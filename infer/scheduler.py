@@ -126,7 +126,6 @@ class RunningBatch:
 
     def __len__(self): return len(self.requests)
     def __iter__(self): return iter(self.requests)
-    def __getitem__(self, i): return self.requests[i]
 
     def insert(self, key: tuple, request: Request, headroom: int) -> None:
         "Add `request` at its place in key order."
