@@ -448,7 +448,8 @@ def machine_for(block_size, prefix_caching, hash_fn=None):
                                             hash_fn=staticmethod(hash_fn) if hash_fn else None, seen=Counter()))
 
 
-SETTINGS = settings(max_examples=30, stateful_step_count=40, deadline=None,
+# derandomize: the same examples on every run, so that the coverage assertions cannot fail by chance in CI.
+SETTINGS = settings(max_examples=30, stateful_step_count=40, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 
 CONFIGS = [(bs, prefix, None) for bs in (1, 2, 4) for prefix in (True, False)] + \
