@@ -349,39 +349,28 @@ def allocate_slots(self: KVCacheManager, request, num_new_tokens: int, hit: Pref
     """Room for `request`'s tokens up to `num_computed_tokens + hit.num_tokens + num_new_tokens`.
     `False`, with nothing changed, when the free blocks cannot cover it."""
     rid = request.request_id
-    held = self.held.get(rid)
-    if held is not None and not hit.blocks and type(num_new_tokens) is int and num_new_tokens > 0 and not request.is_finished:
-        # a running request grows: the scheduler's common call, checked as above but kept short
-        num_tokens = request.num_computed_tokens + num_new_tokens
-        if self.max_model_len is not None and num_tokens > self.max_model_len:
-            raise CacheError(f'request {rid!r} would reach {num_tokens} tokens, past max_model_len={self.max_model_len}')
-        num_new_blocks = -(-num_tokens // self.block_size) - len(held.block_ids)
-        if num_new_blocks > 0:
-            if num_new_blocks > len(self.pool.free): return False
-            self._append_blocks(held, self.pool.take(num_new_blocks))
-        self._cache_full_blocks(request, held, min(num_tokens, request.num_tokens))
-        return True
     if request.is_finished: raise CacheError(f'request {rid!r} is finished: a finished request cannot get new slots')
-    if not isinstance(num_new_tokens, int) or num_new_tokens < 1:
+    if type(num_new_tokens) is not int or num_new_tokens < 1:
         raise CacheError(f'num_new_tokens must be a positive int, got {num_new_tokens!r}')
-    if held is None:
-        if rid in self.swapped: raise CacheError(f'request {rid!r} is swapped out: swap_in before allocating')
-        if request.num_computed_tokens:
-            raise CacheError(f'request {rid!r} says {request.num_computed_tokens} tokens are computed but holds no blocks '
-                             'here (it is unknown to this cache, or was freed): set num_computed_tokens to 0 to recompute it')
-    else:
+    held = self.held.get(rid)
+    if held is not None and hit.blocks:
         raise CacheError(f'request {rid!r} already holds blocks: prefix hits are for its first allocation only')
+    if held is None and rid in self.swapped: raise CacheError(f'request {rid!r} is swapped out: swap_in before allocating')
+    if held is None and request.num_computed_tokens:
+        raise CacheError(f'request {rid!r} says {request.num_computed_tokens} tokens are computed but holds no blocks '
+                         'here (it is unknown to this cache, or was freed): set num_computed_tokens to 0 to recompute it')
     num_tokens = request.num_computed_tokens + hit.num_tokens + num_new_tokens
     if self.max_model_len is not None and num_tokens > self.max_model_len:
         raise CacheError(f'request {rid!r} would reach {num_tokens} tokens, past max_model_len={self.max_model_len}')
-    num_new_blocks = max(cdiv(num_tokens, self.block_size) - len(hit.blocks), 0)
-    num_revived = sum(b.ref_count == 0 for b in hit.blocks)   # hits waiting in the free queue
-    if num_new_blocks + num_revived > self.pool.num_free: return False
+    num_new_blocks = cdiv(num_tokens, self.block_size) - len(held.block_ids if held else hit.blocks)
+    num_revived = sum(b.ref_count == 0 for b in hit.blocks) if hit.blocks else 0   # hits waiting in the free queue
+    if max(num_new_blocks, 0) + num_revived > len(self.pool.free): return False
 
-    for b in hit.blocks: self.pool.hold(b)
-    held = self._hold_blocks(rid, list(hit.blocks), len(hit.blocks), hit.serial)
-    if self.prefix_cache is not None: self.prefix_cache.record(request.num_tokens, hit.num_tokens)
-    if num_new_blocks: self._append_blocks(held, self.pool.take(num_new_blocks))
+    if held is None:
+        for b in hit.blocks: self.pool.hold(b)
+        held = self._hold_blocks(rid, list(hit.blocks), len(hit.blocks), hit.serial)
+        if self.prefix_cache is not None: self.prefix_cache.record(request.num_tokens, hit.num_tokens)
+    if num_new_blocks > 0: self._append_blocks(held, self.pool.take(num_new_blocks))
     self._cache_full_blocks(request, held, min(num_tokens, request.num_tokens))
     return True
 

@@ -66,9 +66,10 @@ class PrefixCache:
         self._serials = itertools.count(1)
         self.query_tokens = self.hit_tokens = 0
 
-    def _same(self, entry: CacheEntry, request, i: int, parent_serial: int) -> bool:
-        return (entry.parent_serial == parent_serial and entry.token_ids == block_tokens(request, i, self.block_size)
-                and entry.extra_keys == block_extra_keys(request, i, self.block_size))
+    @staticmethod
+    def _same(entry: CacheEntry, parent_serial: int, token_ids: tuple, extra_keys: tuple) -> bool:
+        "Whether `entry` was computed from exactly this parent, these tokens and these extra keys."
+        return entry.parent_serial == parent_serial and entry.token_ids == token_ids and entry.extra_keys == extra_keys
 
     def match(self, request, max_blocks: int) -> tuple[list, int]:
         "The longest verified run of cached blocks that starts `request` (at most `max_blocks`), and the last one's serial."
@@ -76,7 +77,8 @@ class PrefixCache:
         blocks, serial = [], 0
         for i in range(min(max_blocks, len(hashes))):
             entry = self.entries.get(hashes[i])
-            if entry is None or not self._same(entry, request, i, serial): break
+            if entry is None or not self._same(entry, serial, block_tokens(request, i, self.block_size),
+                                               block_extra_keys(request, i, self.block_size)): break
             blocks.append(entry.block)
             serial = entry.serial
         return blocks, serial
@@ -88,16 +90,16 @@ class PrefixCache:
             tokens, extra = tuple(all_tokens[i * bs:(i + 1) * bs]), block_extra_keys(request, i, bs)
             if i == len(hashes): hashes.append(self.hash_fn(hashes[i - 1] if i else None, tokens, extra))
             entry = self.entries.get(hashes[i])
-            if entry is not None and entry.parent_serial != serial and entry.parent_serial not in self.live_serials \
-                    and entry.token_ids == tokens and entry.extra_keys == extra and entry.block.ref_count == 0:
+            if entry is not None and not self._same(entry, serial, tokens, extra):
+                orphan = (entry.token_ids == tokens and entry.extra_keys == extra     # only the parent differs,
+                          and entry.parent_serial not in self.live_serials and entry.block.ref_count == 0)   # and it is gone
+                if not orphan: return None                            # a collision: stop caching this request
                 self.evict(entry.block)                               # an unheld orphan: its parent was evicted
                 entry = None
             if entry is None:
                 entry = self.entries[hashes[i]] = CacheEntry(blocks[i], next(self._serials), serial, tokens, extra)
                 self.live_serials.add(entry.serial)
                 blocks[i].hash = hashes[i]
-            elif entry.parent_serial != serial or entry.token_ids != tokens or entry.extra_keys != extra:
-                return None
             serial = entry.serial
         return serial
 

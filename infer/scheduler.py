@@ -73,7 +73,7 @@ class SchedulerOutput:
     preempted_request_ids: list[str]
     finished_request_ids: list[str]          # finished or aborted since the previous step: runners drop their state
     kv: KVCacheManager = field(repr=False)
-    positions: np.ndarray = field(repr=False, default=None)   # each request's row in the running batch
+    positions: np.ndarray = field(repr=False)   # each request's row in the running batch
 
     @property
     def request_ids(self) -> list[str]: return [r.request_id for r in self.requests]

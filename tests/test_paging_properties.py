@@ -48,7 +48,7 @@ from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition, rule,
                                  run_state_machine_as_test)
 
-from infer.paging import KVCacheManager, KVCacheSpec
+from infer.paging import KVCacheManager, KVCacheSpec, cdiv
 from infer.requests import Request, SamplingParams
 
 VOCAB = (1, 2, 3, 4)            # no 0: a slot never written holds 0 or junk, never a token
@@ -62,8 +62,6 @@ SUFFIXES = ((), (1,), (4,), (3, 1), (2, 4), (1, 2, 3), (4, 4, 1, 2), (3, 1, 4, 1
 PROMPTS = st.builds(lambda prefix, cut, suffix: (list(prefix[:cut]) + list(suffix))[:MAX_LEN - 1] or [VOCAB[0]],
                     st.sampled_from(PREFIXES), st.integers(0, 8), st.sampled_from(SUFFIXES))
 
-
-def cdiv(a, b): return -(-a // b)
 
 
 def fingerprints(tokens):
