@@ -20,7 +20,10 @@ alone. The sampled tokens are drawn before the clock starts. For infer the runne
 
 Times are medians over steps of this thread's CPU time (`--clock cpu`, robust to other processes on the
 machine) or of wall time (`--clock wall`); means and 90th percentiles are in the JSON. The two schedulers
-take turns, `--segment` steps at a time, so that both see the same machine. The issue's target: schedule + update under 200 µs per step on this CPU.
+take turns, `--segment` steps at a time, so that both see the same machine. The issue's target: schedule + update under
+200 µs per step on this CPU. infer registers the blocks that decoding fills with the prefix cache when a request is freed,
+not as they fill (vLLM hashes them inside its update); the script times that deferred work by freeing the running
+requests at the end, and the target is judged with its share per step added.
 """
 import argparse
 import gc
@@ -68,8 +71,8 @@ class InferSide:
         return len(out.scheduled), out.num_batched_tokens, self.sched.num_running, self.sched.num_waiting
 
     def sampled(self, out, toks):
-        "What the model would return: a token for every request that reached its last token."
-        return {s.request.request_id: toks[i] for i, s in enumerate(out.scheduled) if s.samples}
+        "What the model runner returns: a token for every request that reached its last token, in batch order."
+        return toks[:int(out.samples.sum())]
 
     def update(self, out, sampled): self.sched.update(out, sampled)
 
@@ -192,6 +195,15 @@ def main():
                     if s.name == 'infer': t[(s.name, 'block_table')].append(c - b); t[(s.name, 'slot_mapping')].append(d - c)
     sides[0].sched.kv.audit()
 
+    # infer registers the blocks a request fills while it decodes when the request is freed, not at every step
+    # (KVCacheManager.grow); so that deferred work is not lost from view, time it: free every running request.
+    # (`_cache_full_blocks` is the registration step of `free`, timed alone: the release of the blocks is not deferred work.)
+    kv, running = sides[0].sched.kv, list(sides[0].sched.running)
+    entries_before, free_seconds = len(kv.prefix_cache.entries), 0.0
+    for r in running:
+        a = clock(); kv._cache_full_blocks(r, kv.held[r.request_id], min(r.num_computed_tokens, r.num_tokens)); free_seconds += clock() - a
+    registered = len(kv.prefix_cache.entries) - entries_before
+
     res = {}
     for name in names:
         r = res[name] = {}
@@ -205,6 +217,9 @@ def main():
     for part in ('block_table', 'slot_mapping'):
         ri[f'{part}_us'] = 1e6 * statistics.median(t[('infer', part)])
         ri[f'{part}_us_mean'] = 1e6 * statistics.mean(t[('infer', part)])
+    ri['deferred_registration_us_per_block'] = 1e6 * free_seconds / max(registered, 1)
+    ri['deferred_registration_us_per_step'] = ri['deferred_registration_us_per_block'] * args.running / bs
+    ri['schedule_plus_update_plus_deferred_us'] = ri['schedule_plus_update_us'] + ri['deferred_registration_us_per_step']
     ri['runner_inputs_us'] = ri['block_table_us'] + ri['slot_mapping_us']
     ri['scheduler_plus_runner_inputs_us'] = ri['schedule_plus_update_us'] + ri['runner_inputs_us']
     ri['scheduler_plus_runner_inputs_pct_of_gpu_step'] = 100 * ri['scheduler_plus_runner_inputs_us'] / (1000 * args.gpu_step_ms)
@@ -216,6 +231,8 @@ def main():
             ('  mean over steps', 'µs', 'schedule_plus_update_us_mean'),
             ('  90th percentile', 'µs', 'schedule_plus_update_us_p90'),
             (f'  / {args.gpu_step_ms:g} ms GPU step', '%', 'schedule_plus_update_pct_of_gpu_step'),
+            ('deferred block registration, per step', 'µs', 'deferred_registration_us_per_step'),
+            ('schedule + update + deferred', 'µs', 'schedule_plus_update_plus_deferred_us'),
             ('runner: block_table()', 'µs', 'block_table_us'), ('runner: slot_mapping()', 'µs', 'slot_mapping_us'),
             ('scheduler + runner inputs', 'µs', 'scheduler_plus_runner_inputs_us'),
             (f'  / {args.gpu_step_ms:g} ms GPU step', '%', 'scheduler_plus_runner_inputs_pct_of_gpu_step')]
@@ -226,11 +243,14 @@ def main():
         a, b = ri.get(key), res.get('vllm', {}).get(key)
         ratio = f'{a / b:11.2f}' if b and unit != '%' else ''
         print(f"{label:34} {unit:>5} {a:10.1f} {(f'{b:12.1f}' if b is not None else f'{dash:>12}')} {ratio}")
-    met = ri['schedule_plus_update_us'] < args.target_us
-    print(f"\ntarget: schedule + update under {args.target_us:g} µs per step on this CPU: "
-          f"{'met' if met else 'NOT met'} ({ri['schedule_plus_update_us']:.0f} µs).")
+    met = ri['schedule_plus_update_plus_deferred_us'] < args.target_us
+    print(f"\ntarget: schedule + update (with the deferred registration) under {args.target_us:g} µs per step on this CPU: "
+          f"{'met' if met else 'NOT met'} ({ri['schedule_plus_update_plus_deferred_us']:.0f} µs).")
     print(f'infer/vLLM is a ratio of times: under 1, infer is faster. GPU step of {args.gpu_step_ms:g} ms assumed '
           '(Llama-3-8B decode at 256 requests on an H200), not measured here.')
+    print(f"infer registers the blocks decoding fills when a request is freed: {ri['deferred_registration_us_per_block']:.1f} µs "
+          f"per block, measured by registering the full blocks of the {len(running)} running requests ({registered:,} blocks), so "
+          f"{ri['deferred_registration_us_per_step']:.0f} µs per step at one new full block per {bs} requests.")
     if v is None: print(f'anchor unavailable: {why}')
     else:
         print(f"vLLM's update is update_from_output (it also builds the engine's outputs); its requests hash their "

@@ -70,14 +70,17 @@ class FreeBlockQueue:
         block.prev = block.next = None
         self._len -= 1
 
-    def popleft(self) -> Block:
-        "Take the block at the front."
-        if not self._len: raise IndexError('the free queue is empty')
-        block = self._head.next
-        self._head.next, block.next.prev = block.next, self._head
-        block.prev = block.next = None
-        self._len -= 1
-        return block
+    def popleft(self, n: int = 1) -> list[Block]:
+        "Take the `n` blocks at the front."
+        if n > self._len: raise IndexError(f'the free queue holds {self._len} blocks, not {n}')
+        blocks, b = [], self._head.next
+        for _ in range(n):
+            blocks.append(b)
+            b = b.next
+        self._head.next, b.prev = b, self._head
+        for b in blocks: b.prev = b.next = None
+        self._len -= n
+        return blocks
 
 # %% ../nbs/20_paging.ipynb #692bf369
 class CacheError(ValueError):
@@ -105,12 +108,10 @@ class BlockPool:
     def take(self, n: int) -> list[Block]:
         "`n` blocks from the front of the free queue, each now held once."
         if n > len(self.free): raise CacheError(f'asked for {n} blocks, {len(self.free)} are free: check num_free first')
-        blocks = []
-        for _ in range(n):
-            b = self.free.popleft()
+        blocks = self.free.popleft(n)
+        for b in blocks:
             if b.hash is not None: self.on_evict(b)
             b.ref_count = 1
-            blocks.append(b)
         return blocks
 
     def hold(self, block: Block):
@@ -399,6 +400,30 @@ def free(self: KVCacheManager, request) -> None:
 def slot_headroom(self: KVCacheManager, request_id: str) -> int:
     "The most tokens `request_id` can have computed before it needs a new block from `allocate_slots`."
     return len(self._held(request_id).block_ids) * self.block_size
+
+# %% ../nbs/20_paging.ipynb #7bd41b38
+@patch
+def grow(self: KVCacheManager, request_ids: list[str]) -> bool:
+    """One more block for each request of `request_ids` (holding blocks already), for all of them or, returning
+    `False`, for none. Registers nothing with the prefix cache (see above)."""
+    helds = [self.held.get(rid) for rid in request_ids]
+    if None in helds: self._held(request_ids[helds.index(None)])          # raises: it holds nothing here
+    columns = [len(h.blocks) for h in helds]
+    most = max(columns, default=0)
+    if self.max_model_len is not None and most >= cdiv(self.max_model_len, self.block_size):
+        rid = request_ids[columns.index(most)]
+        raise CacheError(f'request {rid!r} holds {most} blocks, all that max_model_len={self.max_model_len} allows')
+    if most >= self.table.shape[1]: self.table = np.pad(self.table, ((0, 0), (0, self.table.shape[1])))
+    if len(helds) > len(self.pool.free): return False
+    blocks, rows = self.pool.take(len(helds)), []
+    for held, block in zip(helds, blocks):
+        held.blocks.append(block)
+        held.block_ids.append(block.block_id)
+        rows.append(held.row)
+    self.table[rows, columns] = [b.block_id for b in blocks]
+    return True
+
+
 
 # %% ../nbs/20_paging.ipynb #e36994e4
 @patch

@@ -85,11 +85,14 @@ class PrefixCache:
 
     def insert(self, request, blocks: list, start: int, end: int, serial: int) -> int | None:
         "Cache `request`'s full blocks `start:end`, chained after `serial`; the new chain serial, or None after a collision."
-        hashes, bs, all_tokens = request.block_hashes, self.block_size, request.all_token_ids
+        hashes, bs, all_tokens, entries = request.block_hashes, self.block_size, request.all_token_ids, self.entries
+        plain = not getattr(request, 'mm_positions', ())       # then only block 0 can have extra keys
         for i in range(start, end):
-            tokens, extra = tuple(all_tokens[i * bs:(i + 1) * bs]), block_extra_keys(request, i, bs)
+            tokens = tuple(all_tokens[i * bs:(i + 1) * bs])
+            extra = () if i and plain else block_extra_keys(request, i, bs)
             if i == len(hashes): hashes.append(self.hash_fn(hashes[i - 1] if i else None, tokens, extra))
-            entry = self.entries.get(hashes[i])
+            h = hashes[i]
+            entry = entries.get(h)
             if entry is not None and not self._same(entry, serial, tokens, extra):
                 orphan = (entry.token_ids == tokens and entry.extra_keys == extra     # only the parent differs,
                           and entry.parent_serial not in self.live_serials and entry.block.ref_count == 0)   # and it is gone
@@ -97,9 +100,9 @@ class PrefixCache:
                 self.evict(entry.block)                               # an unheld orphan: its parent was evicted
                 entry = None
             if entry is None:
-                entry = self.entries[hashes[i]] = CacheEntry(blocks[i], next(self._serials), serial, tokens, extra)
+                entry = entries[h] = CacheEntry(blocks[i], next(self._serials), serial, tokens, extra)
                 self.live_serials.add(entry.serial)
-                blocks[i].hash = hashes[i]
+                blocks[i].hash = h
             serial = entry.serial
         return serial
 

@@ -107,8 +107,6 @@ class Request:
     cache_salt: str | None = None
     mm_positions: tuple = ()            # (item hash, first prompt position, length) per image
     status: RequestStatus = field(default=RequestStatus.WAITING, init=False)
-    output_token_ids: list[int] = field(default_factory=list, init=False)
-    num_computed_tokens: int = field(default=0, init=False)
     num_cached_tokens: int = field(default=0, init=False)   # prefix-cache hit when first admitted
     num_preemptions: int = field(default=0, init=False)
     stop_reason: int | str | None = field(default=None, init=False)
@@ -123,14 +121,34 @@ class Request:
         _check(len(self.prompt_token_ids) > 0, f'request {self.request_id!r} has an empty prompt: give at least one token')
         _check(all(_is_int(t) and t >= 0 for t in self.prompt_token_ids),
                f'request {self.request_id!r}: prompt tokens must be token ids (ints >= 0)')
-        self.all_token_ids = list(self.prompt_token_ids)
+        self._all, self._output, self._computed = list(self.prompt_token_ids), [], 0
+        self._batch, self._slot = None, -1      # the running batch that holds this request's counters, and its slot there
 
     @property
-    def num_tokens(self) -> int: return len(self.all_token_ids)
+    def num_computed_tokens(self) -> int:
+        return self._computed if self._batch is None else int(self._batch.computed[self._slot])
+
+    @num_computed_tokens.setter
+    def num_computed_tokens(self, n: int):
+        if self._batch is None: self._computed = n
+        else: self._batch.computed[self._slot] = n
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        if self._batch is not None: self._batch.sync(self)
+        return self._all
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        if self._batch is not None: self._batch.sync(self)
+        return self._output
+
+    @property
+    def num_tokens(self) -> int: return len(self._all) if self._batch is None else int(self._batch.length[self._slot])
     @property
     def num_prompt_tokens(self) -> int: return len(self.prompt_token_ids)
     @property
-    def num_output_tokens(self) -> int: return len(self.output_token_ids)
+    def num_output_tokens(self) -> int: return self.num_tokens - len(self.prompt_token_ids)
     @property
     def is_finished(self) -> bool: return self.status.is_finished
     @property
@@ -144,8 +162,11 @@ class Request:
 
     def append_output_token(self, token_id: int) -> None:
         "Record a sampled token: it joins the tokens whose keys and values the next step computes."
-        self.output_token_ids.append(token_id)
-        self.all_token_ids.append(token_id)
+        if self._batch is not None:
+            raise RequestError(f'request {self.request_id!r} is running in a scheduler, which records its tokens: '
+                               'pass them to Scheduler.update')
+        self._output.append(token_id)
+        self._all.append(token_id)
 
 # %% ../nbs/22_requests.ipynb #edf7ac25
 def check_stop(request: Request, max_model_len: int, detokenize: Callable[[list[int]], str] | None = None) -> RequestStatus | None:

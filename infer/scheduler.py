@@ -66,6 +66,7 @@ class ScheduledRequest:
 class SchedulerOutput:
     "What one step computes, and what changed since the last step."
     requests: list[Request]                  # batch order
+    request_ids: list[str]
     starts: np.ndarray                       # first position computed, per request
     num_tokens: np.ndarray                   # tokens computed, per request
     samples: np.ndarray                      # bool: the step samples a token for this request
@@ -73,10 +74,7 @@ class SchedulerOutput:
     preempted_request_ids: list[str]
     finished_request_ids: list[str]          # finished or aborted since the previous step: runners drop their state
     kv: KVCacheManager = field(repr=False)
-    positions: np.ndarray = field(repr=False)   # each request's row in the running batch
-
-    @property
-    def request_ids(self) -> list[str]: return [r.request_id for r in self.requests]
+    slots: np.ndarray = field(repr=False)    # each request's slot in the running batch
 
     @property
     def scheduled(self) -> list[ScheduledRequest]:
@@ -116,44 +114,76 @@ class StepOutputs:
 
 # %% ../nbs/23_scheduler.ipynb #2620c6f1
 class RunningBatch:
-    "The running requests in scheduling order, with their counters as numpy columns."
-    COLUMNS = ('computed', 'length', 'headroom', 'num_output', 'max_output', 'min_output', 'eos', 'stop_in_python')
+    "The running requests in scheduling order; their counters and newest tokens in numpy columns, a slot per request."
+    COLUMNS = ('computed', 'length', 'headroom', 'length_cap', 'eos', 'synced')
 
-    def __init__(self, capacity: int):
-        self.requests: list[Request] = []
+    def __init__(self, capacity: int, max_model_len: int, pending_width: int = 64):
+        self.requests: list[Request] = []            # scheduling order
         self.keys: list[tuple] = []
+        self.ids: list[str] = []
+        self.order = np.zeros(capacity, dtype=np.int64)    # the slots, in scheduling order (the first len(self))
+        self.by_slot: list[Request | None] = [None] * capacity
         for c in self.COLUMNS: setattr(self, c, np.zeros(capacity, dtype=np.int64))
+        self.pending = np.zeros((capacity, pending_width), dtype=np.int64)   # tokens at positions synced, synced + 1, ...
+        self.max_model_len = max_model_len
+        self._free_slots = list(range(capacity - 1, -1, -1))
 
     def __len__(self): return len(self.requests)
     def __iter__(self): return iter(self.requests)
 
     def insert(self, key: tuple, request: Request, headroom: int) -> None:
-        "Add `request` at its place in key order."
+        "Add `request` at its place in key order; from now on its counters live here."
+        slot, params = self._free_slots.pop(), request.sampling_params
+        length_cap = 0 if params.stop or params.stop_token_ids else \
+            min(request.num_prompt_tokens + params.max_tokens, self.max_model_len)     # 0: check every step
+        values = (request.num_computed_tokens, request.num_tokens, headroom, length_cap,
+                  -1 if params.ignore_eos or request.eos_token_id is None else request.eos_token_id, request.num_tokens)
+        for c, v in zip(self.COLUMNS, values): getattr(self, c)[slot] = v
         i, n = bisect.bisect(self.keys, key), len(self.requests)
-        params = request.sampling_params
-        values = (request.num_computed_tokens, request.num_tokens, headroom, request.num_output_tokens, params.max_tokens,
-                  params.min_tokens, -1 if params.ignore_eos or request.eos_token_id is None else request.eos_token_id,
-                  bool(params.stop or params.stop_token_ids))
-        for c, v in zip(self.COLUMNS, values):
-            col = getattr(self, c)
-            col[i + 1:n + 1] = col[i:n]
-            col[i] = v
-        self.requests.insert(i, request)
-        self.keys.insert(i, key)
+        self.order[i + 1:n + 1] = self.order[i:n]
+        self.order[i] = slot
+        self.requests.insert(i, request); self.keys.insert(i, key); self.ids.insert(i, request.request_id)
+        self.by_slot[slot] = request
+        request._batch, request._slot = self, slot
+
+    def sync(self, request: Request) -> None:
+        "Move `request`'s pending tokens into its token lists."
+        slot = request._slot
+        if k := int(self.length[slot] - self.synced[slot]):
+            new = self.pending[slot, :k].tolist()
+            request._all += new
+            request._output += new
+            self.synced[slot] = self.length[slot]
+
+    def append_tokens(self, slots: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        "Record one sampled token for the request in each of `slots`; which of them may have finished."
+        length = self.length[slots]
+        at = length - self.synced[slots]
+        if len(at) and at.max() == self.pending.shape[1]:      # `pending_width` tokens since someone's lists were read
+            full = at == self.pending.shape[1]
+            for slot in slots[full].tolist(): self.sync(self.by_slot[slot])
+            at[full] = 0
+        self.pending[slots, at] = tokens
+        self.length[slots] = length = length + 1
+        return (length >= self.length_cap[slots]) | (tokens == self.eos[slots])
+
+    def _take_out(self, i: int) -> Request:
+        request, slot, n = self.requests[i], self.requests[i]._slot, len(self.requests)
+        self.sync(request)
+        request._computed, request._batch, request._slot = int(self.computed[slot]), None, -1
+        self.order[i:n - 1] = self.order[i + 1:n]
+        del self.requests[i], self.keys[i], self.ids[i]
+        self.by_slot[slot] = None
+        self._free_slots.append(slot)
+        return request
 
     def remove(self, request: Request) -> None:
-        "Take `request` out."
-        i, n = self.requests.index(request), len(self.requests)
-        for c in self.COLUMNS:
-            col = getattr(self, c)
-            col[i:n - 1] = col[i + 1:n]
-        del self.requests[i], self.keys[i]
+        "Take `request` out; its counters go back to it."
+        self._take_out(self.requests.index(request))
 
     def pop(self) -> Request:
         "Take out the last request: the lowest priority, latest arrival."
-        request = self.requests.pop()
-        self.keys.pop()
-        return request
+        return self._take_out(len(self.requests) - 1)
 
 # %% ../nbs/23_scheduler.ipynb #6b5b8f4c
 class Scheduler:
@@ -162,7 +192,7 @@ class Scheduler:
         self.config, self.kv, self.detokenize = config, kv, detokenize
         self.requests: dict[str, Request] = {}
         self.waiting: list[tuple] = []            # heap of (key, request)
-        self.running = RunningBatch(config.max_num_seqs)
+        self.running = RunningBatch(config.max_num_seqs, config.max_model_len)
         self._keys: dict[str, tuple] = {}
         self._order = itertools.count()
         self._finished_ids: list[str] = []
@@ -216,9 +246,17 @@ def schedule(self: Scheduler) -> SchedulerOutput:
     preempted = []
 
     m = len(batch)
-    want = np.minimum(batch.length[:m] - batch.computed[:m], cap)
-    n = np.minimum(np.maximum(budget - (np.cumsum(want) - want), 0), want)
-    for i in np.flatnonzero((n > 0) & (batch.computed[:m] + n > batch.headroom[:m])).tolist():
+    order = batch.order[:m].copy()
+    computed, length = batch.computed[order], batch.length[order]
+    want = np.minimum(length - computed, cap)
+    n = want if (total := int(want.sum())) <= budget else np.minimum(np.maximum(budget - (np.cumsum(want) - want), 0), want)
+    grow = np.flatnonzero(computed + n > batch.headroom[order])
+    if grow.size:                       # a decode row takes one block; through `grow`, all together
+        decode = n[grow] == 1
+        if kv.grow([batch.ids[i] for i in grow[decode].tolist()]):
+            batch.headroom[order[grow[decode]]] += kv.block_size
+            grow = grow[~decode]
+    for i in grow.tolist():             # prompt chunks, or every row that needs a block when the cache is short
         if i >= len(batch): break
         request = batch.requests[i]
         while not kv.allocate_slots(request, int(n[i])):
@@ -227,19 +265,17 @@ def schedule(self: Scheduler) -> SchedulerOutput:
             preempted.append(victim.request_id)
             if victim is request: break
         else:
-            batch.headroom[i] = kv.slot_headroom(request.request_id)
-    m = len(batch)
-    rows = np.flatnonzero(n[:m])
-    if len(rows) == m:                      # everyone runs (the usual decode step): slices, not gathers
-        requests, starts, counts = batch.requests[:m], batch.computed[:m].copy(), n[:m]
-        batch.computed[:m] += counts
-        samples = batch.computed[:m] == batch.length[:m]
+            batch.headroom[order[i]] = kv.slot_headroom(request.request_id)
+    if (m := len(batch)) == len(n) and np.count_nonzero(n) == m:     # everyone runs (the usual decode step)
+        requests, ids, slots, starts, counts = batch.requests[:], batch.ids[:], order, computed, n
+        budget -= total if n is want else int(n.sum())
     else:
-        requests, starts, counts = [batch.requests[i] for i in rows.tolist()], batch.computed[rows], n[rows]
-        batch.computed[rows] += counts
-        samples = batch.computed[rows] == batch.length[rows]
-    for request, computed in zip(requests, (starts + counts).tolist()): request.num_computed_tokens = computed
-    budget -= int(counts.sum())
+        rows = np.flatnonzero(n[:m])
+        requests, ids = [batch.requests[i] for i in rows.tolist()], [batch.ids[i] for i in rows.tolist()]
+        slots, starts, counts, length = order[rows], computed[rows], n[rows], length[rows]
+        budget -= int(counts.sum())
+    batch.computed[slots] = starts + counts
+    samples = starts + counts == length
 
     admitted = []
     while self.waiting and budget and len(batch) < cfg.max_num_seqs and not preempted:
@@ -262,17 +298,16 @@ def schedule(self: Scheduler) -> SchedulerOutput:
         batch.insert(self._key(request), request, kv.slot_headroom(request.request_id))
         budget -= k
 
-    positions = rows
     if admitted:
-        requests += [r for r, _, _ in admitted]
+        requests = requests + [r for r, _, _ in admitted]
+        ids = ids + [r.request_id for r, _, _ in admitted]
+        slots = np.concatenate([slots, [r._slot for r, _, _ in admitted]]).astype(np.int64)
         starts = np.concatenate([starts, [s for _, s, _ in admitted]]).astype(np.int64)
         counts = np.concatenate([counts, [k for _, _, k in admitted]]).astype(np.int64)
         samples = np.concatenate([samples, [r.num_computed_tokens == r.num_tokens for r, _, _ in admitted]])
-        row_of = {id(r): i for i, r in enumerate(batch.requests)}
-        positions = np.array([row_of[id(r)] for r in requests], dtype=np.int64)
     finished, self._finished_ids = self._finished_ids, []
-    self._in_flight = SchedulerOutput(requests, starts, counts, samples, cfg.max_num_batched_tokens - budget, preempted,
-                                      finished, kv, positions)
+    self._in_flight = SchedulerOutput(requests, ids, starts, counts, samples, cfg.max_num_batched_tokens - budget, preempted,
+                                      finished, kv, slots)
     return self._in_flight
 
 @patch
@@ -287,33 +322,47 @@ def _preempt(self: Scheduler, request: Request) -> None:
 
 # %% ../nbs/23_scheduler.ipynb #863ea016
 @patch
-def update(self: Scheduler, output: SchedulerOutput, sampled: dict[str, int]) -> StepOutputs:
-    "Apply a step's sampled tokens; return each request's new tokens and whether it finished."
+def _sampled_tokens(self: Scheduler, ids: list[str], sampled) -> list[int]:
+    "`sampled` as a list of tokens in the order of `ids`, or a `RequestError` saying what does not match."
+    if isinstance(sampled, dict):
+        if len(sampled) != len(ids) or not all(map(sampled.__contains__, ids)):
+            if missing := sorted(set(ids) - set(sampled)):
+                raise RequestError(f'no sampled token for {missing}, which reached their last token this step')
+            raise RequestError(f'sampled tokens for {sorted(set(sampled) - set(ids))}, which did not reach their last '
+                               'token this step')
+        sampled = [sampled[i] for i in ids]
+    elif isinstance(sampled, (np.ndarray, torch.Tensor)):
+        if sampled.ndim != 1: raise RequestError(f'sampled tokens must be one token per row, got shape {tuple(sampled.shape)}')
+        sampled = sampled.tolist()
+    elif not isinstance(sampled, list): sampled = list(sampled)
+    if len(sampled) != len(ids):
+        raise RequestError(f'{len(sampled)} sampled tokens for the {len(ids)} requests that reached their last token this '
+                           'step: give one per request, in batch order (or a {request_id: token} dict)')
+    return sampled
+
+@patch
+def update(self: Scheduler, output: SchedulerOutput, sampled: list[int] | np.ndarray | torch.Tensor | dict[str, int]) -> StepOutputs:
+    """Apply a step's sampled tokens, one per request that reached its last token, in batch order (or by request id);
+    return each request's new tokens and whether it finished."""
     if output is not self._in_flight:
         raise RequestError('update() takes the output of the latest schedule() call, once')
-    batch, which = self.running, np.flatnonzero(output.samples)
-    requests = output.requests if len(which) == len(output.requests) else [output.requests[j] for j in which.tolist()]
-    positions = output.positions[which]
-    if aborted := set(self._deferred_aborts):
-        keep = [r.request_id not in aborted for r in requests]
-        requests, positions = [r for r, k in zip(requests, keep) if k], positions[np.array(keep, dtype=bool)]
-    ids = [r.request_id for r in requests]
-    if len(sampled) != len(ids) or not all(map(sampled.__contains__, ids)):
-        if missing := sorted(set(ids) - set(sampled)):
-            raise RequestError(f'no sampled token for {missing}, which reached their last token this step')
-        if unexpected := sorted(set(sampled) - set(ids) - aborted):
-            raise RequestError(f'sampled tokens for {unexpected}, which did not reach their last token this step')
-    tokens = [sampled[i] for i in ids]
+    batch = self.running
+    if np.count_nonzero(output.samples) == len(output.requests):
+        requests, ids, slots = output.requests, output.request_ids, output.slots
+    else:
+        which = np.flatnonzero(output.samples)
+        rows = which.tolist()
+        requests, ids, slots = [output.requests[j] for j in rows], [output.request_ids[j] for j in rows], output.slots[which]
+    tokens = self._sampled_tokens(ids, sampled)
+    token_array = np.array(tokens, dtype=np.int64)
+    if len(tokens) and token_array.min() < 0:
+        raise RequestError(f'sampled tokens must be token ids (ints >= 0), got {token_array.min()}')
     self._in_flight = None
-    for r, t in zip(requests, tokens):
-        r.output_token_ids.append(t)
-        r.all_token_ids.append(t)
-    batch.length[positions] += 1
-    batch.num_output[positions] += 1
-    num_output = batch.num_output[positions]
-    maybe_done = ((num_output >= batch.max_output[positions]) | (batch.length[positions] >= self.config.max_model_len)
-                  | ((np.array(tokens, dtype=np.int64) == batch.eos[positions]) & (num_output >= batch.min_output[positions]))
-                  | batch.stop_in_python[positions].astype(bool))
+    if aborted := set(self._deferred_aborts):      # the model computed them, but they get no token
+        keep = np.array([rid not in aborted for rid in ids], dtype=bool)
+        requests, ids, tokens = [r for r, k in zip(requests, keep) if k], [i for i, k in zip(ids, keep) if k], token_array[keep].tolist()
+        slots, token_array = slots[keep], token_array[keep]
+    maybe_done = batch.append_tokens(slots, token_array)
     finished = {}
     for j in np.flatnonzero(maybe_done).tolist():
         request = requests[j]
@@ -451,7 +500,7 @@ def simulate(requests: list[Request], config: SchedulerConfig, num_blocks: int, 
             steps.append(StepRecord(now, [(s.request.request_id, s.start, s.num_tokens, s.samples) for s in out.scheduled],
                                     {rid: len(h.block_ids) for rid, h in kv.held.items()}, sched.num_waiting,
                                     out.preempted_request_ids))
-        for r in sched.update(out, {r.request_id: 1 for r, s in zip(out.requests, out.samples.tolist()) if s}):
+        for r in sched.update(out, [1] * int(out.samples.sum())):
             if r.request_id in last: itl.append(now - last[r.request_id])
             first.setdefault(r.request_id, now)
             last[r.request_id] = now

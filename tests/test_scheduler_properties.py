@@ -28,6 +28,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -209,7 +210,8 @@ def drive(w: Workload) -> Run:
         samplers = [s.request.request_id for s in out.scheduled if s.samples]
         assert sorted(sampled) == sorted(samplers), 'the model samples exactly the requests that reached their last token'
         abort_due(step, 2)
-        results = sched.update(out, sampled)
+        # a runner hands back a tensor of tokens in batch order; the dict form is the same tokens by id: use both
+        results = sched.update(out, sampled if step % 2 else torch.tensor([sampled[rid] for rid in samplers]))
         for rid in deferred:
             assert run.requests[rid].status is RequestStatus.FINISHED_ABORTED and rid not in sched.requests
         deferred.clear()
