@@ -117,7 +117,7 @@ class RunningBatch:
     "The running requests in scheduling order; their counters and newest tokens in numpy columns, a slot per request."
     COLUMNS = ('computed', 'length', 'headroom', 'length_cap', 'eos', 'synced')
 
-    def __init__(self, capacity: int, max_model_len: int, pending_width: int = 64):
+    def __init__(self, capacity: int, max_model_len: int, pending_width: int = 128):
         self.requests: list[Request] = []            # scheduling order
         self.keys: list[tuple] = []
         self.ids: list[str] = []
