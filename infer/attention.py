@@ -782,10 +782,16 @@ def store_kv(k, v, key_cache, value_cache, slot_mapping, *, backend: str | None 
     fn = store_kv_triton if attention_backend(key_cache.device, backend) == 'triton' else store_kv_reference
     return fn(k, v, key_cache, value_cache, slot_mapping, validate=validate)
 
-def paged_attention(q, key_cache, value_cache, cu_seqlens_q, seq_lens, block_tables, *, scale=None, sliding_window=None,
-                    softcap=None, alibi_slopes=None, backend: str | None = None, validate: bool = True, **triton_options):
-    "Attention of the packed step's queries over the paged cache, with the chosen backend; returns `[num_tokens, heads, head_dim]`."
+def paged_attention(q, key_cache, value_cache, cu_seqlens_q, seq_lens, block_tables, *, out=None, scale=None,
+                    sliding_window=None, softcap=None, alibi_slopes=None, backend: str | None = None, validate: bool = True,
+                    **triton_options):
+    """Attention of the packed step's queries over the paged cache, with the chosen backend; returns `out` (or a new
+    tensor) `[num_tokens, heads, head_dim]`. `triton_options` (`max_seqlen_q`, `max_seqlen_k`, `num_splits`, ...) go to
+    `paged_attention_triton`."""
     options = dict(scale=scale, sliding_window=sliding_window, softcap=softcap, alibi_slopes=alibi_slopes, validate=validate)
     if attention_backend(q.device, backend) == 'triton':
-        return paged_attention_triton(q, key_cache, value_cache, cu_seqlens_q, seq_lens, block_tables, **options, **triton_options)
-    return paged_attention_reference(q, key_cache, value_cache, cu_seqlens_q, seq_lens, block_tables, **options)
+        return paged_attention_triton(q, key_cache, value_cache, cu_seqlens_q, seq_lens, block_tables, out=out, **options,
+                                      **triton_options)
+    if triton_options: _fail(f'{sorted(triton_options)} are options of the Triton kernels; the torch backend takes none of them')
+    result = paged_attention_reference(q, key_cache, value_cache, cu_seqlens_q, seq_lens, block_tables, **options)
+    return result if out is None else out.copy_(result)
