@@ -322,15 +322,16 @@ def _preempt(self: Scheduler, request: Request) -> None:
 
 # %% ../nbs/23_scheduler.ipynb #863ea016
 @patch
-def _sampled_tokens(self: Scheduler, ids: list[str], sampled) -> list[int]:
-    "`sampled` as a list of tokens in the order of `ids`, or a `RequestError` saying what does not match."
+def _sampled_tokens(self: Scheduler, ids: list[str], sampled, aborted: set[str]) -> list:
+    """`sampled` as a list of tokens in the order of `ids`, or a `RequestError` saying what does not match. By id,
+    the requests aborted while the step was in flight may be left out."""
     if isinstance(sampled, dict):
         if len(sampled) != len(ids) or not all(map(sampled.__contains__, ids)):
-            if missing := sorted(set(ids) - set(sampled)):
+            if missing := sorted(set(ids) - set(sampled) - aborted):
                 raise RequestError(f'no sampled token for {missing}, which reached their last token this step')
-            raise RequestError(f'sampled tokens for {sorted(set(sampled) - set(ids))}, which did not reach their last '
-                               'token this step')
-        sampled = [sampled[i] for i in ids]
+            if unexpected := sorted(set(sampled) - set(ids)):
+                raise RequestError(f'sampled tokens for {unexpected}, which did not reach their last token this step')
+        sampled = [sampled.get(i) for i in ids]
     elif isinstance(sampled, (np.ndarray, torch.Tensor)):
         if sampled.ndim != 1: raise RequestError(f'sampled tokens must be one token per row, got shape {tuple(sampled.shape)}')
         sampled = sampled.tolist()
@@ -353,15 +354,17 @@ def update(self: Scheduler, output: SchedulerOutput, sampled: list[int] | np.nda
         which = np.flatnonzero(output.samples)
         rows = which.tolist()
         requests, ids, slots = [output.requests[j] for j in rows], [output.request_ids[j] for j in rows], output.slots[which]
-    tokens = self._sampled_tokens(ids, sampled)
+    aborted = set(self._deferred_aborts)
+    tokens = self._sampled_tokens(ids, sampled, aborted)
+    if aborted:                       # the model computed them, but they get no token
+        keep = [rid not in aborted for rid in ids]
+        requests, ids, tokens = [r for r, k in zip(requests, keep) if k], [i for i, k in zip(ids, keep) if k], \
+            [t for t, k in zip(tokens, keep) if k]
+        slots = slots[np.array(keep, dtype=bool)]
     token_array = np.array(tokens, dtype=np.int64)
     if len(tokens) and token_array.min() < 0:
         raise RequestError(f'sampled tokens must be token ids (ints >= 0), got {token_array.min()}')
     self._in_flight = None
-    if aborted := set(self._deferred_aborts):      # the model computed them, but they get no token
-        keep = np.array([rid not in aborted for rid in ids], dtype=bool)
-        requests, ids, tokens = [r for r, k in zip(requests, keep) if k], [i for i, k in zip(ids, keep) if k], token_array[keep].tolist()
-        slots, token_array = slots[keep], token_array[keep]
     maybe_done = batch.append_tokens(slots, token_array)
     finished = {}
     for j in np.flatnonzero(maybe_done).tolist():
