@@ -594,7 +594,7 @@ H200_CONFIGS = {
 }
 
 
-def attention_config(head_dim: int, block_size: int, dtype: torch.dtype, capability, decode_only: bool,
+def attention_config(head_dim: int, dtype: torch.dtype, capability, decode_only: bool,
                      fused: bool = False):
     """Tile sizes for one launch: dict(BLOCK_M, TILE_N, num_warps, num_stages).
 
@@ -705,12 +705,12 @@ def paged_attention_triton(q, key_cache, value_cache, cu_seqlens_q, seq_lens, bl
     alibi = alibi_slopes if alibi_slopes is not None else q  # unused when USE_ALIBI is False
 
     def launch(rows, decode_only, splits, override, dec_override=None):
-        cfg = dict(attention_config(D, bs, q.dtype, cap, decode_only=decode_only), **(override or {}))
+        cfg = dict(attention_config(D, q.dtype, cap, decode_only=decode_only), **(override or {}))
         block_m = max(cfg['BLOCK_M'], g_pad)
         block_q = block_m // g_pad
         dec_m, dec_q, dec_n = block_m, block_q, cfg['TILE_N']
         if rows == 3:   # the decode programs of a fused launch
-            dcfg = dict(attention_config(D, bs, q.dtype, cap, decode_only=True, fused=True), **(dec_override or {}))
+            dcfg = dict(attention_config(D, q.dtype, cap, decode_only=True, fused=True), **(dec_override or {}))
             dec_m = max(dcfg['BLOCK_M'], g_pad)
             dec_q, dec_n = dec_m // g_pad, dcfg['TILE_N']
         grid0 = S if rows == 1 else (T // block_q + S) + (S if rows == 3 else 0)

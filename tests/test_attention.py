@@ -204,8 +204,8 @@ def test_paged_attention_matches_reference(name):
 
 
 def test_decode_config_and_auto_split_heuristic():
-    assert attention_config(128, 16, torch.bfloat16, (9, 0), decode_only=True)['BLOCK_M'] == 16
-    assert attention_config(128, 16, torch.bfloat16, (9, 0), decode_only=False)['BLOCK_M'] >= 64
+    assert attention_config(128, torch.bfloat16, (9, 0), decode_only=True)['BLOCK_M'] == 16
+    assert attention_config(128, torch.bfloat16, (9, 0), decode_only=False)['BLOCK_M'] >= 64
     assert num_kv_splits(8, 16384, 132) > 1            # batch 1: split
     assert num_kv_splits(8, 300, 132) == 1             # short context: not worth it
     assert num_kv_splits(64 * 8, 4096, 132) == 1       # enough programs already
