@@ -10,13 +10,14 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from . import __version__
 
 # %% auto #0
-__all__ = ['DEMO_CORPUS', 'DEMO_QUERY', 'NOT_BUILT_YET', 'COMMANDS', 'Command', 'env_report', 'run_env', 'run_embed', 'run_demo',
-           'build_parser', 'main']
+__all__ = ['DEMO_CORPUS', 'DEMO_QUERY', 'COMMANDS', 'Command', 'env_report', 'run_env', 'run_embed', 'run_generate', 'run_bench',
+           'run_demo', 'build_parser', 'main']
 
 # %% ../nbs/90_cli.ipynb #6f468421
 class _Parser(argparse.ArgumentParser):
@@ -94,6 +95,81 @@ def run_embed(args) -> int:
           + (f' in {args.output}' if args.output else ''), file=sys.stderr)
     return 0
 
+# %% ../nbs/90_cli.ipynb #1c159e28
+def _add_engine_arguments(p: argparse.ArgumentParser):
+    p.add_argument('--dtype', default=None, help='float32, float16 or bfloat16 (default: the model config\'s)')
+    p.add_argument('--device', default=None, help='cuda or cpu (default: cuda when there is one)')
+    p.add_argument('--max-num-seqs', type=int, default=256, help='requests running at once, at most')
+    p.add_argument('--load-format', default='auto', choices=['auto', 'safetensors', 'dummy'],
+                   help='dummy: random weights of the right shapes (for speed tests)')
+    p.add_argument('--enforce-eager', action='store_true', help='no CUDA graphs')
+
+def _add_generate_arguments(p: argparse.ArgumentParser):
+    p.add_argument('model', help='a model folder (config.json, safetensors, tokenizer)')
+    p.add_argument('--prompt', action='append', default=[], help='a prompt (repeat for several); "-" reads lines from stdin')
+    p.add_argument('--max-tokens', type=int, default=64)
+    p.add_argument('--temperature', type=float, default=0.0, help='0 is greedy')
+    p.add_argument('--top-p', type=float, default=1.0)
+    p.add_argument('--top-k', type=int, default=0)
+    p.add_argument('--seed', type=int, default=None)
+    p.add_argument('--n', type=int, default=1, help='continuations per prompt')
+    p.add_argument('--chat', action='store_true', help="wrap each prompt as a user message in the tokenizer's chat template")
+    _add_engine_arguments(p)
+
+def _engine_options(args) -> dict:
+    return dict(dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs, load_format=args.load_format,
+                enforce_eager=args.enforce_eager)
+
+def run_generate(args) -> int:
+    from infer.engine import LLM
+    from infer.requests import SamplingParams
+    prompts = [line for p in args.prompt for line in (sys.stdin.read().splitlines() if p == '-' else [p])]
+    if not prompts: raise ValueError('give at least one --prompt (or --prompt - to read lines from stdin)')
+    llm = LLM(args.model, **_engine_options(args))
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            seed=args.seed, n=args.n)
+    if args.chat: outputs = llm.chat([[{'role': 'user', 'content': p}] for p in prompts], params, use_tqdm=False)
+    else: outputs = llm.generate(prompts, params, use_tqdm=False)
+    for prompt, out in zip(prompts, outputs):
+        if out.error: print(f'{prompt!r}: error: {out.error}', file=sys.stderr); continue
+        for c in out.outputs: print(f'{prompt!r} -> {c.text!r} ({len(c.token_ids)} tokens, {c.finish_reason})')
+    return 1 if any(o.error for o in outputs) else 0
+
+def _add_bench_arguments(p: argparse.ArgumentParser):
+    from infer.engine import BENCH_MODELS
+    p.add_argument('model', nargs='?', default=None, help='a model folder; or use --preset')
+    p.add_argument('--preset', choices=sorted(BENCH_MODELS), default=None, help='a benchmark shape with random weights')
+    p.add_argument('--num-prompts', type=int, default=64)
+    p.add_argument('--input-len', type=int, default=128)
+    p.add_argument('--output-len', type=int, default=64)
+    p.add_argument('--hf', action='store_true', help="also time transformers' generate on the same weights and prompts")
+    p.add_argument('--hf-batch-size', type=int, default=None, help="transformers' static batch (default: all prompts)")
+    _add_engine_arguments(p)
+
+def run_bench(args) -> int:
+    import json, tempfile
+    import torch
+    from infer.engine import BENCH_MODELS, LLM, random_prompts, save_random_model, time_hf_generate, time_llm
+    if (args.model is None) == (args.preset is None): raise ValueError('give a model folder or --preset, not both')
+    device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith('cuda') else torch.float32)
+    folder = args.model or save_random_model(BENCH_MODELS[args.preset], Path(tempfile.mkdtemp()) / args.preset, dtype, device)
+    llm = LLM(folder, **{**_engine_options(args), 'dtype': dtype, 'device': device})
+    vocab = llm.engine.vocab_size
+    prompts, wanted = random_prompts(args.num_prompts, args.input_len, vocab), [args.output_len] * args.num_prompts
+    time_llm(llm, prompts[:2], [4, 4])                                  # warm up
+    r = time_llm(llm, prompts, wanted)
+    print(f"infer: {args.num_prompts} prompts x {args.input_len} tokens in, {args.output_len} out: {r['seconds']:.2f} s, "
+          f"{r['tokens_per_s']:,.1f} output tokens/s")
+    if args.hf:
+        from transformers import AutoModelForCausalLM
+        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+        time_hf_generate(hf, prompts[:2], [4, 4], 2)
+        h = time_hf_generate(hf, prompts, wanted, args.hf_batch_size or args.num_prompts)
+        print(f"transformers generate: {h['seconds']:.2f} s, {h['tokens_per_s']:,.1f} output tokens/s; "
+              f"infer is {r['tokens_per_s'] / h['tokens_per_s']:.2f}x")
+    return 0
+
 # %% ../nbs/90_cli.ipynb #f39cee92
 DEMO_CORPUS = (
     'A paged KV cache stores attention keys and values in fixed-size blocks, like pages of virtual memory.',
@@ -111,7 +187,6 @@ DEMO_CORPUS = (
     'Bread is made from flour, water, salt and yeast.',
 )
 DEMO_QUERY = 'How does a server keep the GPU busy when requests arrive at different times?'
-NOT_BUILT_YET = ('the engine (LLM.generate)',)
 
 def _add_demo_arguments(p: argparse.ArgumentParser):
     p.add_argument('--query', default=DEMO_QUERY, help='the question to search the demo corpus with')
@@ -147,6 +222,20 @@ def _demo_attention(num_requests: int = 64, context: int = 1024, block_size: int
           f'{context:,} tokens of context each (32 query and 8 KV heads, scattered over {tables.numel():,} cache blocks) '
           f'in {1e3 * (time.perf_counter() - start):.1f} ms.')
 
+def _demo_engine(max_tokens: int = 24):
+    import tempfile, time
+    from infer.engine import LLM
+    from infer.models import tiny_model
+    from infer.requests import SamplingParams
+    with tempfile.TemporaryDirectory() as tmp:
+        llm = LLM(tiny_model('LlamaForCausalLM', Path(tmp) / 'tiny-llama'), dtype='float32')
+        prompts = [DEMO_QUERY, DEMO_CORPUS[0], DEMO_CORPUS[2]]
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True), use_tqdm=False)
+        seconds = time.perf_counter() - start
+    print(f'\nthe engine generated {len(prompts)} x {max_tokens} tokens with a tiny random Llama in {seconds:.2f} s '
+          f'(random weights, so the text is noise): {outputs[0].outputs[0].text[:60]!r}...')
+
 def run_demo(args) -> int:
     from infer.encoder import semantic_search
     run_env(args)
@@ -159,13 +248,15 @@ def run_demo(args) -> int:
         print(f"  {hit['score']:.3f}  {DEMO_CORPUS[hit['corpus_id']]}")
     _demo_scheduler()
     _demo_attention()
-    print(f"\nnot built yet: {', '.join(NOT_BUILT_YET)}.")
+    _demo_engine()
     return 0
 
 # %% ../nbs/90_cli.ipynb #75b685c1
 COMMANDS: dict[str, Command] = {
     'env': Command('show the device, dtypes, Triton mode, attention backend and versions', run_env),
     'embed': Command('embed texts, one per line, into vectors (.npy or JSON lines)', run_embed, _add_embed_arguments),
+    'generate': Command('continue prompts with a model folder (the LLM engine)', run_generate, _add_generate_arguments),
+    'bench': Command('offline generation throughput, against transformers with --hf', run_bench, _add_bench_arguments),
     'demo': Command('run the main job end to end on this machine', run_demo, _add_demo_arguments),
 }
 

@@ -1,0 +1,83 @@
+"""The engine against transformers: greedy tokens and logprobs for every supported architecture, however the work is cut up.
+
+For each architecture a tiny random model (`infer.models.tiny_model`, fixed seed) is saved as a safetensors folder;
+transformers' `generate` runs each prompt alone (no padding), greedy, 32 new tokens, in float32 on the CPU, and
+infer's `LLM.generate` runs all prompts together with prefix caching on and off, with chunked prefill (a budget of
+16 tokens a step) and with a cache so small that requests are preempted. Tokens must be equal; the logprob of each
+chosen token within 1e-4 of transformers' log-softmax (float32 sums in another order).
+"""
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from infer.engine import LLM, EngineError
+from infer.models import SUPPORTED_ARCHITECTURES, tiny_model
+from infer.requests import SamplingParams
+
+NEW_TOKENS = 32
+
+
+@pytest.fixture(scope='module', params=sorted(SUPPORTED_ARCHITECTURES))
+def case(request, tmp_path_factory):
+    folder = tiny_model(request.param, tmp_path_factory.mktemp(request.param), seed=0)
+    vocab = json.loads((folder / 'config.json').read_text())['vocab_size']
+    rng = np.random.default_rng(1)
+    base = rng.integers(3, vocab, size=40).tolist()
+    prompts = [base[:7], base + rng.integers(3, vocab, size=9).tolist(), rng.integers(3, vocab, size=23).tolist(), base[:33]]
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    reference = []
+    with torch.inference_mode():
+        for p in prompts:
+            g = model.generate(torch.tensor([p]), max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True,
+                               return_dict_in_generate=True)
+            tokens = g.sequences[0, len(p):].tolist()
+            lp = torch.stack(g.logits)[:, 0].float().log_softmax(-1)
+            reference.append((tokens, [lp[i, t].item() for i, t in enumerate(tokens)]))
+    return folder, prompts, reference
+
+
+SETUPS = {
+    'prefix-caching': dict(),
+    'no-prefix-caching': dict(enable_prefix_caching=False),
+    'chunked-prefill': dict(max_num_batched_tokens=16),
+    'preemption': dict(block_size=4, num_blocks=24, max_num_batched_tokens=32, max_model_len=92),
+}
+
+
+@pytest.mark.parametrize('setup', sorted(SETUPS))
+def test_same_tokens_as_transformers(case, setup):
+    folder, prompts, reference = case
+    llm = LLM(folder, dtype='float32', device='cpu', **SETUPS[setup])
+    preempted = []
+    if setup == 'preemption':
+        inner = llm.engine.scheduler._preempt
+        llm.engine.scheduler._preempt = lambda r: (preempted.append(r.request_id), inner(r))
+    for _ in range(2):                     # the second round finds the prompts in the prefix cache
+        outs = llm.generate(prompts, SamplingParams(max_tokens=NEW_TOKENS, temperature=0, logprobs=0), use_tqdm=False)
+        for out, (tokens, logprobs) in zip(outs, reference):
+            assert out.outputs[0].token_ids == tokens
+            got = [next(iter(d.values())) for d in out.outputs[0].logprobs]
+            np.testing.assert_allclose(got, logprobs, atol=1e-4)
+    if setup == 'preemption': assert preempted, 'the small cache should force preemption'
+    if setup == 'prefix-caching': assert outs[1].num_cached_tokens >= 32      # its first blocks, from the first round
+    llm.engine.kv.audit()
+    assert llm.engine.kv.num_free_blocks == llm.engine.kv.pool.num_usable
+
+
+def test_bad_requests_leave_the_rest_alone(case):
+    folder, prompts, reference = case
+    llm = LLM(folder, dtype='float32', device='cpu')
+    vocab = llm.engine.vocab_size
+    bad = [[], [vocab], [-1, 3], [4] * (llm.engine.config.max_model_len + 1), 'text' if llm.tokenizer is None else 12]
+    outs = llm.generate([prompts[0]] + bad + [prompts[1]], SamplingParams(max_tokens=NEW_TOKENS, temperature=0), use_tqdm=False)
+    assert outs[0].outputs[0].token_ids == reference[0][0] and outs[-1].outputs[0].token_ids == reference[1][0]
+    for out in outs[1:-1]: assert out.finished and out.error and not out.outputs
+    assert llm.engine.kv.num_free_blocks == llm.engine.kv.pool.num_usable
+    with pytest.raises(EngineError, match='in use'):
+        llm.engine.add_request('x', prompts[0])
+        llm.engine.add_request('x', prompts[1])
+    llm.engine.abort_request('x')
+    assert not llm.engine.has_unfinished_requests()
