@@ -8,12 +8,14 @@ Docs: https://infer-dev.github.io/infer/requests.html.md"""
 from __future__ import annotations
 
 import enum
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 # %% auto #0
-__all__ = ['FINISHED', 'ALLOWED_TRANSITIONS', 'RequestError', 'SamplingParams', 'RequestStatus', 'Request', 'check_stop']
+__all__ = ['MIN_SAMPLING_TEMPERATURE', 'FINISHED', 'ALLOWED_TRANSITIONS', 'RequestError', 'SamplingParams', 'RequestStatus',
+           'Request', 'check_stop']
 
 # %% ../nbs/22_requests.ipynb #836fae9c
 class RequestError(ValueError):
@@ -24,6 +26,10 @@ def _check(ok: bool, message: str):
 
 def _is_int(x) -> bool: return isinstance(x, int) and not isinstance(x, bool)
 
+def _is_real(x) -> bool: return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+MIN_SAMPLING_TEMPERATURE = 1e-5   # below it a request is greedy: sampling at such a temperature is argmax anyway
+
 # %% ../nbs/22_requests.ipynb #6b73bc14
 @dataclass(slots=True)
 class SamplingParams:
@@ -31,10 +37,13 @@ class SamplingParams:
     n: int = 1                          # continuations per prompt
     max_tokens: int = 16                # most tokens to generate
     min_tokens: int = 0                 # stop conditions are ignored before this many
-    temperature: float = 1.0            # 0 is greedy
+    temperature: float = 1.0            # 0 (or below MIN_SAMPLING_TEMPERATURE) is greedy
     top_p: float = 1.0                  # nucleus: smallest set of tokens with this much probability
     top_k: int = 0                      # keep the k most likely tokens; 0 keeps all
     min_p: float = 0.0                  # drop tokens below min_p × the top token's probability
+    repetition_penalty: float = 1.0     # > 1 discourages every token of the prompt and the output (HF's rule)
+    presence_penalty: float = 0.0       # subtracted from the logit of each token the output already holds (OpenAI's rule)
+    frequency_penalty: float = 0.0      # subtracted once per time the output already holds the token (OpenAI's rule)
     seed: int | None = None             # a per-request generator, for reproducible sampling
     stop: tuple[str, ...] = ()          # stop when the output text contains one of these
     stop_token_ids: tuple[int, ...] = ()
@@ -50,12 +59,21 @@ class SamplingParams:
                f'max_tokens must be an int >= 1 (the most tokens to generate), got {self.max_tokens!r}')
         _check(_is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens,
                f'min_tokens must be an int in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}')
-        _check(isinstance(self.temperature, (int, float)) and self.temperature >= 0,
-               f'temperature must be >= 0 (0 is greedy), got {self.temperature!r}')
+        _check(_is_real(self.temperature) and self.temperature >= 0,
+               f'temperature must be a finite number >= 0 (0 is greedy), got {self.temperature!r}')
+        _check(self.n == 1 or self.temperature >= MIN_SAMPLING_TEMPERATURE,
+               f'n={self.n} continuations with temperature={self.temperature} (greedy) would be {self.n} copies of one '
+               'text: use n=1, or a temperature > 0 to sample different continuations')
         _check(isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1,
                f'top_p must be in (0, 1] (1 keeps every token), got {self.top_p!r}')
         _check(_is_int(self.top_k) and self.top_k >= 0, f'top_k must be an int >= 0 (0 keeps every token), got {self.top_k!r}')
         _check(isinstance(self.min_p, (int, float)) and 0 <= self.min_p <= 1, f'min_p must be in [0, 1], got {self.min_p!r}')
+        _check(_is_real(self.repetition_penalty) and self.repetition_penalty > 0,
+               f'repetition_penalty must be a finite number > 0 (1 is off, > 1 discourages repeats), '
+               f'got {self.repetition_penalty!r}')
+        for name in ('presence_penalty', 'frequency_penalty'):
+            value = getattr(self, name)
+            _check(_is_real(value) and -2 <= value <= 2, f'{name} must be in [-2, 2] (0 is off), got {value!r}')
         _check(self.seed is None or _is_int(self.seed), f'seed must be an int or None, got {self.seed!r}')
         _check(all(isinstance(s, str) and s for s in self.stop), f'stop must be non-empty strings, got {self.stop!r}')
         _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
