@@ -20,7 +20,7 @@ from fastcore.basics import patch
 from .attention import attention_backend
 from .models import CausalLM, StepContext, load_model
 from .paging import KVCache, KVCacheManager, cdiv
-from .requests import Request, RequestError, SamplingParams
+from .requests import MIN_SAMPLING_TEMPERATURE, Request, RequestError, SamplingParams
 from .sampling import Sampler, SamplingBatch
 from .scheduler import RunningBatch, Scheduler, SchedulerConfig, SchedulerOutput
 
@@ -88,15 +88,23 @@ class ModelRunner:
         self.layers = [(kv_cache.key(i), kv_cache.value(i)) for i in range(kv_cache.spec.num_layers)]
         self.sampler = Sampler()
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.pin = self.device.type == 'cuda'
+        self._staging: dict[np.dtype, torch.Tensor] = {}     # reused pinned host buffers, one per dtype (CUDA)
         if cuda_graphs and self.device.type == 'cuda' and not model.is_moe: self.capture_graphs()
 
     def _to_device(self, *arrays: np.ndarray) -> list[torch.Tensor]:
-        "Arrays of one dtype, moved to the device in one copy, as views of the copy."
-        flat = np.concatenate([a.ravel() for a in arrays])
-        host = torch.from_numpy(flat)
-        if self.pin: host = host.pin_memory()
-        dev, views, at = host.to(self.device, non_blocking=True), [], 0
+        """Arrays of one dtype, moved to the device in one copy, as views of the copy. On CUDA the copy starts from a
+        pinned buffer kept from step to step (pinning afresh costs more than the copy); the step's one sync, when
+        its sampled tokens come back, comes after the copy, so the buffer is free again by the next step."""
+        flat = np.concatenate([a.ravel() for a in arrays]) if len(arrays) > 1 else arrays[0].ravel()
+        if self.device.type != 'cuda': dev = torch.from_numpy(flat)
+        else:
+            buf = self._staging.get(flat.dtype)
+            if buf is None or buf.numel() < flat.size:
+                buf = self._staging[flat.dtype] = torch.empty(max(flat.size, 2 * (buf.numel() if buf is not None else 4096)),
+                                                              dtype=torch.from_numpy(flat[:0]).dtype, pin_memory=True)
+            buf.numpy()[:flat.size] = flat
+            dev = buf[:flat.size].to(self.device, non_blocking=True)
+        views, at = [], 0
         for a in arrays:
             views.append(dev[at:at + a.size].view(a.shape))
             at += a.size
@@ -111,7 +119,10 @@ class ModelRunner:
         "The float32 logits `[sampling rows, vocab]` of a step."
         S = len(inputs.seq_lens)
         if inputs.is_decode and self.graphs and S <= self.max_num_seqs:
-            return self.model.compute_logits(self._replay(inputs)[:S][inputs.sample_index])
+            hidden = self._replay(inputs)[:S]
+            if len(inputs.sample_index) < S:     # a one-token prompt chunk that is not the prompt's end samples nothing
+                hidden = hidden[torch.from_numpy(inputs.sample_index).to(self.device)]
+            return self.model.compute_logits(hidden)
         ids, positions, sample_index = self._to_device(inputs.input_ids, inputs.positions, inputs.sample_index)
         slots, seq_lens, cu, tables = self._to_device(inputs.slot_mapping, inputs.seq_lens, inputs.cu_seqlens_q,
                                                       np.ascontiguousarray(inputs.block_tables))
@@ -153,7 +164,8 @@ def _replay(self: ModelRunner, inputs: StepInputs) -> torch.Tensor:
     long = np.zeros((2, b), dtype=np.int64)
     long[0, :S], long[1, :S] = inputs.input_ids, inputs.positions
     small = np.concatenate([inputs.slot_mapping, np.full(pad, -1, np.int32), inputs.seq_lens, np.ones(pad, np.int32)])
-    long_d, small_d, tables_d = self._to_device(long, small, np.ascontiguousarray(inputs.block_tables))
+    long_d, = self._to_device(long)
+    small_d, tables_d = self._to_device(small, np.ascontiguousarray(inputs.block_tables))
     self.g_long[:, :b].copy_(long_d)
     self.g_slots[:b].copy_(small_d[:b])
     self.g_seq_lens[:b].copy_(small_d[b:])
@@ -233,6 +245,7 @@ class Engine:
                                   cuda_graphs=not enforce_eager)
         self.tracked: dict[str, _Tracked] = {}
         self._parent: dict[str, tuple[_Tracked, int]] = {}     # scheduler request id -> (its prompt's record, index)
+        self._num_not_greedy = 0        # unfinished continuations that sample, penalise or want logprobs
         self.num_steps = 0
 
     def has_unfinished_requests(self) -> bool: return self.scheduler.has_unfinished()
@@ -248,31 +261,36 @@ def _num_blocks(self: Engine, spec, device: torch.device, budget: int, max_num_s
         memory = kv_cache_memory or min(1 << 30, free // 8, most)
     else:
         if not 0 < utilization <= 1: raise EngineError(f'gpu_memory_utilization must be in (0, 1], got {utilization}')
-        peak = self._profile_peak(spec, device, budget, max_num_seqs)
+        peak = self._profile_peak(spec, device, budget, max_num_seqs, max_model_len)
         free, total = torch.cuda.mem_get_info(device)
         memory = kv_cache_memory or int(total * utilization - (total - free) - (peak - torch.cuda.memory_allocated(device)))
     num_blocks = memory // spec.bytes_per_block
     if num_blocks < 2:
-        raise EngineError(f'the KV cache gets {memory:,} bytes, not enough for 2 blocks of {spec.bytes_per_block:,}: '
-                          'raise gpu_memory_utilization or kv_cache_memory, or lower max_num_batched_tokens')
+        held = '' if device.type != 'cuda' else (f' ({(total - free) / 2**30:.1f} of the GPU\'s {total / 2**30:.1f} GiB are '
+                                                 'held already, by other processes or by another engine in this one)')
+        raise EngineError(f'the KV cache gets {memory:,} bytes, not enough for 2 blocks of {spec.bytes_per_block:,}{held}: '
+                          'raise gpu_memory_utilization, give kv_cache_memory in bytes, or lower max_num_batched_tokens')
     return int(num_blocks)
 
 @patch
 @torch.inference_mode()
-def _profile_peak(self: Engine, spec, device: torch.device, num_tokens: int, max_num_seqs: int) -> int:
+def _profile_peak(self: Engine, spec, device: torch.device, num_tokens: int, max_num_seqs: int, max_model_len: int) -> int:
     "Peak bytes the CUDA allocator holds while the model runs a prefill step of `num_tokens` tokens (and its logits)."
-    blocks = cdiv(num_tokens, spec.block_size) + 1
-    cache = KVCache(spec, blocks, device)
+    lens = [min(max_model_len, num_tokens - start) for start in range(0, num_tokens, max_model_len)]   # prompts that fit
+    widths = [cdiv(n, spec.block_size) for n in lens]
+    cache = KVCache(spec, sum(widths) + 1, device)
     layers = [(cache.key(i), cache.value(i)) for i in range(spec.num_layers)]
-    backend = attention_backend(device, None)
+    tables = torch.zeros(len(lens), max(widths), dtype=torch.int32)
+    for i, (w, first) in enumerate(zip(widths, np.cumsum([1] + widths[:-1]))): tables[i, :w] = torch.arange(first, first + w)
+    positions = torch.cat([torch.arange(n) for n in lens])
+    slots = torch.cat([tables[i, :cdiv(n, spec.block_size)].repeat_interleave(spec.block_size)[:n] * spec.block_size
+                       + torch.arange(n) % spec.block_size for i, n in enumerate(lens)])
+    ctx = StepContext(slots.to(device), torch.tensor([0] + np.cumsum(lens).tolist(), dtype=torch.int32, device=device),
+                      torch.tensor(lens, dtype=torch.int32, device=device), tables.to(device), max(lens), max(lens), layers,
+                      attention_backend(device, None), False)
     ids = torch.zeros(num_tokens, dtype=torch.int64, device=device)
-    positions = torch.arange(num_tokens, device=device)
-    ctx = StepContext(torch.arange(num_tokens, dtype=torch.int32, device=device) + spec.block_size,
-                      torch.tensor([0, num_tokens], dtype=torch.int32, device=device),
-                      torch.tensor([num_tokens], dtype=torch.int32, device=device),
-                      torch.arange(1, blocks, dtype=torch.int32, device=device)[None], num_tokens, num_tokens, layers, backend, False)
     torch.cuda.reset_peak_memory_stats(device)
-    self.model.compute_logits(self.model(ids, positions, ctx)[-min(num_tokens, max_num_seqs):])
+    self.model.compute_logits(self.model(ids, positions.to(device), ctx)[-min(num_tokens, max_num_seqs):])
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device)
     del cache, layers, ctx
@@ -333,11 +351,17 @@ def add_request(self: Engine, request_id: str, prompt, params: SamplingParams | 
                 for i, cid in enumerate(child_ids)]
     self.scheduler.add_request(children[0])            # the scheduler's own checks; the other children are the same
     for c in children[1:]: self.scheduler.add_request(c)
+    if not _plain_greedy(params): self._num_not_greedy += n
     out = RequestOutput(request_id, text, ids, [CompletionOutput(i, []) for i in range(n)])
     tracked = self.tracked[request_id] = _Tracked(out, children, stream)
     for i, c in enumerate(children):
         self._parent[c.request_id] = (tracked, i)
         if params.logprobs is not None: out.outputs[i].logprobs = []
+
+def _plain_greedy(params: SamplingParams) -> bool:
+    "Whether a request's next token is just the argmax of its logits: greedy, no penalties, no logprobs."
+    return (params.temperature < MIN_SAMPLING_TEMPERATURE and params.repetition_penalty == 1 and not params.presence_penalty
+            and not params.frequency_penalty and params.logprobs is None)
 
 def _nth(params: SamplingParams, i: int) -> SamplingParams:
     "The parameters of continuation `i` of an `n > 1` request: one continuation, seed + i."
@@ -374,6 +398,7 @@ def step(self: Engine) -> list[RequestOutput]:
 @patch
 def _sample(self: Engine, logits: torch.Tensor, requests: list[Request], slots: np.ndarray):
     "Sampled token ids (a list) and, when any request asks, per request the {token: logprob} of its chosen and top tokens."
+    if not self._num_not_greedy: return logits.argmax(-1).tolist(), None      # the common case, with nothing to build
     params = [r.sampling_params for r in requests]
     prompt_lens = np.fromiter((r.num_prompt_tokens for r in requests), dtype=np.int64, count=len(requests))
     positions = (self.scheduler.running.length[slots] - prompt_lens).tolist()
@@ -421,6 +446,7 @@ def _outputs(self: Engine, requests, tokens, logprobs, finished: dict) -> list[R
 def _finish_child(self: Engine, request: Request, reason: str, stop) -> None:
     "Fill in the finished continuation `request`: its tokens, its text (cut before a stop string), why it stopped."
     tracked, i = self._parent.pop(request.request_id)
+    if not _plain_greedy(request.sampling_params): self._num_not_greedy -= 1
     completion = tracked.output.outputs[i]
     completion.token_ids = list(request.output_token_ids)
     if self.tokenizer is not None:
