@@ -181,14 +181,14 @@ def _check_attention(q, key_cache, value_cache, cu_seqlens_q, seq_lens, block_ta
 def store_kv_reference(k, v, key_cache, value_cache, slot_mapping, validate: bool = True):
     "Write `k`, `v` `[num_tokens, kv_heads, head_dim]` into the cache at `slot_mapping` (in place; -1 = skip)."
     _check_store(k, v, key_cache, value_cache, slot_mapping, REFERENCE_DTYPES, validate)
-    n = slot_mapping.shape[0]
-    slots = slot_mapping.long()
+    n, bs = slot_mapping.shape[0], key_cache.shape[1]
+    slots, k, v = slot_mapping.long(), k[:n], v[:n]
     keep = slots >= 0
-    slots = slots[keep]
-    bs = key_cache.shape[1]
-    blk, off = slots // bs, slots % bs
-    key_cache[blk, off] = k[:n][keep].to(key_cache.dtype)
-    value_cache[blk, off] = v[:n][keep].to(value_cache.dtype)
+    if not bool(keep.all()): slots, k, v = slots[keep], k[keep], v[keep]
+    for cache, x in ((key_cache, k), (value_cache, v)):
+        if cache.stride(0) == bs * cache.stride(1):          # blocks x offsets flatten into one dimension, as a view
+            cache.flatten(0, 1).index_copy_(0, slots, x.to(cache.dtype))
+        else: cache[slots // bs, slots % bs] = x.to(cache.dtype)
 
 
 def _gather_kv(cache, tables, first: int, ctx: int, dtype) -> torch.Tensor:
@@ -196,7 +196,9 @@ def _gather_kv(cache, tables, first: int, ctx: int, dtype) -> torch.Tensor:
     bs = cache.shape[1]
     blocks = tables[:, first // bs:(ctx + bs - 1) // bs].long()
     start = first - first // bs * bs
-    return cache[blocks].flatten(1, 2)[:, start:start + ctx - first].to(dtype).transpose(1, 2).contiguous()
+    n, w = blocks.shape
+    gathered = cache.index_select(0, blocks.reshape(-1)).view(n, w * bs, *cache.shape[2:])   # index_select: a plain copy
+    return gathered[:, start:start + ctx - first].to(dtype).transpose(1, 2).contiguous()
 
 def _attend_reference(q, k, v, q_pos, k_pos, kv_len, scale, sliding_window, softcap, alibi):
     """Attention of `q [n, m, H, D]` (positions `q_pos [n, m]`) over `k`, `v` `[n, kv_heads, L, D]` (positions `k_pos [L]`,
