@@ -30,6 +30,10 @@ class Block:
     hash: int | None = None        # set while the prefix cache can find this block
     prev: Block | None = None      # neighbours in the free queue
     next: Block | None = None
+    serial: int = 0                # what the prefix cache knows of it while cached (see the prefix-cache notebook)
+    parent_serial: int = 0
+    token_ids: tuple = ()
+    extra_keys: tuple = ()
 
     def __repr__(self): return f'Block({self.block_id}, refs={self.ref_count}{", cached" if self.hash is not None else ""})'
 
@@ -514,8 +518,8 @@ def audit(self: KVCacheManager) -> None:
     s = self.stats()
     assert s.blocks_in_use + s.blocks_cached + s.blocks_free == s.num_blocks
     if self.prefix_cache is not None:
-        for h, entry in self.prefix_cache.entries.items(): assert entry.block.hash == h, f'entry {h} lost its block'
-        assert self.prefix_cache.live_serials == {e.serial for e in self.prefix_cache.entries.values()}
+        for h, block in self.prefix_cache.entries.items(): assert block.hash == h, f'{block} is cached under {h}, not its hash'
+        assert self.prefix_cache.live_serials == {b.serial for b in self.prefix_cache.entries.values()}
         assert sum(b.hash is not None for b in self.pool.blocks) == len(self.prefix_cache.entries)
     assert self.num_free_cpu_blocks + sum(s.num_blocks for s in self.swapped.values()) == self.num_cpu_blocks
     rows = [h.row for h in self.held.values()]
@@ -532,4 +536,4 @@ def snapshot(self: KVCacheManager) -> tuple:
     return ({rid: (list(h.block_ids), h.num_cached, h.serial, h.row) for rid, h in self.held.items()}, self.table.tolist(),
             {rid: s.num_blocks for rid, s in self.swapped.items()}, self.num_free_cpu_blocks,
             [(b.ref_count, b.hash) for b in self.pool.blocks], [b.block_id for b in self.pool.free],
-            dict(self.prefix_cache.entries) if self.prefix_cache else None)
+            {h: (b.block_id, b.serial, b.parent_serial) for h, b in self.prefix_cache.entries.items()} if self.prefix_cache else None)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 # %% auto #0
-__all__ = ['BlockHashFn', 'hash_block', 'block_extra_keys', 'block_tokens', 'update_block_hashes', 'CacheEntry', 'PrefixCache']
+__all__ = ['BlockHashFn', 'hash_block', 'block_extra_keys', 'block_tokens', 'update_block_hashes', 'PrefixCache']
 
 # %% ../nbs/21_prefix_cache.ipynb #a45d688f
 BlockHashFn = Callable[[int | None, tuple, tuple], int]
@@ -47,40 +47,31 @@ def update_block_hashes(request, block_size: int, hash_fn: BlockHashFn = hash_bl
     return hashes
 
 # %% ../nbs/21_prefix_cache.ipynb #410be3ea
-@dataclass(slots=True, eq=False)
-class CacheEntry:
-    "A block in the prefix cache, with what it was computed from."
-    block: object        # a `Block` of the pool; its `.hash` is this entry's key
-    serial: int          # unique per entry: children name their parent by it
-    parent_serial: int   # 0 for a first block
-    token_ids: tuple
-    extra_keys: tuple
-
-# %% ../nbs/21_prefix_cache.ipynb #782c465b
 class PrefixCache:
-    "Full blocks by chained hash, with verified hits and hit-rate counters."
+    """Full blocks by chained hash, with verified hits and hit-rate counters. A cached block (a `Block` of the pool)
+    carries its `hash`, `serial`, `parent_serial`, `token_ids` and `extra_keys`."""
     def __init__(self, block_size: int, hash_fn: BlockHashFn = hash_block):
         self.block_size, self.hash_fn = block_size, hash_fn
-        self.entries: dict[int, CacheEntry] = {}
-        self.live_serials: set[int] = set()       # serials of the entries in `entries`
+        self.entries: dict = {}                   # hash -> the cached block
+        self.live_serials: set[int] = set()       # serials of the blocks in `entries`
         self._serials = itertools.count(1)
         self.query_tokens = self.hit_tokens = 0
 
     @staticmethod
-    def _same(entry: CacheEntry, parent_serial: int, token_ids: tuple, extra_keys: tuple) -> bool:
-        "Whether `entry` was computed from exactly this parent, these tokens and these extra keys."
-        return entry.parent_serial == parent_serial and entry.token_ids == token_ids and entry.extra_keys == extra_keys
+    def _same(block, parent_serial: int, token_ids: tuple, extra_keys: tuple) -> bool:
+        "Whether cached `block` was computed from exactly this parent, these tokens and these extra keys."
+        return block.parent_serial == parent_serial and block.token_ids == token_ids and block.extra_keys == extra_keys
 
     def match(self, request, max_blocks: int) -> tuple[list, int]:
         "The longest verified run of cached blocks that starts `request` (at most `max_blocks`), and the last one's serial."
         hashes = update_block_hashes(request, self.block_size, self.hash_fn)
         blocks, serial = [], 0
         for i in range(min(max_blocks, len(hashes))):
-            entry = self.entries.get(hashes[i])
-            if entry is None or not self._same(entry, serial, block_tokens(request, i, self.block_size),
+            block = self.entries.get(hashes[i])
+            if block is None or not self._same(block, serial, block_tokens(request, i, self.block_size),
                                                block_extra_keys(request, i, self.block_size)): break
-            blocks.append(entry.block)
-            serial = entry.serial
+            blocks.append(block)
+            serial = block.serial
         return blocks, serial
 
     def insert(self, request, blocks: list, start: int, end: int, serial: int) -> int | None:
@@ -92,26 +83,26 @@ class PrefixCache:
             extra = () if i and plain else block_extra_keys(request, i, bs)
             if i == len(hashes): hashes.append(self.hash_fn(hashes[i - 1] if i else None, tokens, extra))
             h = hashes[i]
-            entry = entries.get(h)
-            if entry is not None and not self._same(entry, serial, tokens, extra):
-                orphan = (entry.token_ids == tokens and entry.extra_keys == extra     # only the parent differs,
-                          and entry.parent_serial not in self.live_serials and entry.block.ref_count == 0)   # and it is gone
+            cached = entries.get(h)
+            if cached is not None and not self._same(cached, serial, tokens, extra):
+                orphan = (cached.token_ids == tokens and cached.extra_keys == extra     # only the parent differs,
+                          and cached.parent_serial not in self.live_serials and cached.ref_count == 0)   # and it is gone
                 if not orphan: return None                            # a collision: stop caching this request
-                self.evict(entry.block)                               # an unheld orphan: its parent was evicted
-                entry = None
-            if entry is None:
-                entry = entries[h] = CacheEntry(blocks[i], next(self._serials), serial, tokens, extra)
-                self.live_serials.add(entry.serial)
-                blocks[i].hash = h
-            serial = entry.serial
+                self.evict(cached)                                    # an unheld orphan: its parent was evicted
+                cached = None
+            if cached is None:
+                cached = entries[h] = blocks[i]
+                cached.hash, cached.serial, cached.parent_serial = h, next(self._serials), serial
+                cached.token_ids, cached.extra_keys = tokens, extra
+                self.live_serials.add(cached.serial)
+            serial = cached.serial
         return serial
 
     def evict(self, block) -> None:
         "Forget `block` (its memory is about to be reused)."
-        entry = self.entries.get(block.hash)
-        if entry is not None and entry.block is block:
+        if self.entries.get(block.hash) is block:
             del self.entries[block.hash]
-            self.live_serials.discard(entry.serial)
+            self.live_serials.discard(block.serial)
         block.hash = None
 
     def record(self, num_query_tokens: int, num_hit_tokens: int) -> None:
