@@ -17,15 +17,15 @@ from fastcore.basics import patch
 from torch import nn
 
 from .attention import paged_attention, store_kv
+from .ops import apply_rotary_, rms_norm, silu_and_mul
 from .paging import KVCacheSpec
 
 # %% auto #0
 __all__ = ['SUPPORTED_ARCHITECTURES', 'ROPE_TYPES', 'TINY_CONFIG', 'TINY_MOE_CONFIG', 'SPECIAL_TOKENS', 'CHAT_TEMPLATE',
            'StepContext', 'step_context', 'ModelError', 'MoEFormat', 'Architecture', 'DecoderOptions',
-           'architecture_of', 'decoder_options', 'RMSNorm', 'rope_frequencies', 'RotaryEmbedding', 'apply_rotary',
-           'Attention', 'MLP', 'MoE', 'DecoderLayer', 'DecoderModel', 'CausalLM', 'checkpoint_files',
-           'check_checkpoint', 'load_weights', 'init_random_', 'read_config', 'load_model', 'tiny_tokenizer',
-           'tiny_model']
+           'architecture_of', 'decoder_options', 'RMSNorm', 'rope_frequencies', 'RotaryEmbedding', 'Attention', 'MLP',
+           'MoE', 'DecoderLayer', 'DecoderModel', 'CausalLM', 'checkpoint_files', 'check_checkpoint', 'load_weights',
+           'init_random_', 'read_config', 'load_model', 'tiny_tokenizer', 'tiny_model']
 
 # %% ../nbs/25_models.ipynb #b49d7ba6
 @dataclass(slots=True)
@@ -198,14 +198,14 @@ def decoder_options(config, architecture: Architecture | None = None) -> Decoder
 
 # %% ../nbs/25_models.ipynb #65faa0b6
 class RMSNorm(nn.Module):
-    "Root-mean-square norm over the last dimension, in float32, scaled by a learned weight."
+    "Root-mean-square norm over the last dimension, in float32, scaled by a learned weight; adds `residual` first."
     def __init__(self, size: int, eps: float):
         super().__init__()
         self.weight, self.eps = nn.Parameter(torch.ones(size)), eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype, x = x.dtype, x.float()
-        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)).to(dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, backend: str | None = None):
+        "`norm(x)`, or with `residual`: `(norm(x + residual), x + residual)`."
+        return rms_norm(x, self.weight, self.eps, residual, backend=backend)
 
 # %% ../nbs/25_models.ipynb #c0a20025
 def rope_frequencies(rope: dict, head_dim: int) -> torch.Tensor:
@@ -223,7 +223,7 @@ def rope_frequencies(rope: dict, head_dim: int) -> torch.Tensor:
 
 # %% ../nbs/25_models.ipynb #54ef7521
 class RotaryEmbedding(nn.Module):
-    "Cosines and sines of every position, looked up by `positions`."
+    "The table `cos_sin`: cosines and sines of every position's angles, which `apply_rotary_` looks up."
     def __init__(self, rope: dict, head_dim: int, max_positions: int):
         super().__init__()
         self.rope, self.head_dim = rope, head_dim
@@ -235,16 +235,6 @@ class RotaryEmbedding(nn.Module):
         positions = torch.arange(self.cos_sin.shape[0], device=self.cos_sin.device).float()
         angles = positions[:, None] * rope_frequencies(self.rope, self.head_dim).to(self.cos_sin.device)[None]
         self.cos_sin.copy_(torch.cat((angles.cos(), angles.sin()), dim=-1))
-
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        "cos, sin `[T, 1, head_dim / 2]` for the tokens at `positions` (broadcast over heads)."
-        return self.cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    "Rotate `x [T, heads, head_dim]`: each pair `(i, i + head_dim/2)` by its angle."
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 # %% ../nbs/25_models.ipynb #2b4757ad
 class Attention(nn.Module):
@@ -258,12 +248,12 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(o.head_dim, o.rms_norm_eps) if o.qk_norm else None
         self.k_norm = RMSNorm(o.head_dim, o.rms_norm_eps) if o.qk_norm else None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         T, D = x.shape[0], self.head_dim
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q, k, v = q.view(T, -1, D), k.view(T, -1, D), v.view(T, -1, D)
-        if self.q_norm is not None: q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.q_norm is not None: q, k = self.q_norm(q, backend=ctx.backend), self.k_norm(k, backend=ctx.backend)
+        apply_rotary_(q, k, cos_sin, positions, backend=ctx.backend)
         key_cache, value_cache = ctx.kv_caches[self.layer]
         store_kv(k, v, key_cache, value_cache, ctx.slot_mapping, backend=ctx.backend, validate=ctx.validate)
         out = paged_attention(q, key_cache, value_cache, ctx.cu_seqlens_q, ctx.seq_lens, ctx.block_tables,
@@ -279,9 +269,8 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x), backend=backend))
 
 
 class MoE(nn.Module):
@@ -304,7 +293,7 @@ class MoE(nn.Module):
         if self.renormalize: weights = weights / weights.sum(-1, keepdim=True)
         return weights.to(x.dtype), experts
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
         weights, experts = self.route(x)
         out = torch.zeros_like(x)
         for e in experts.unique().tolist():                        # data-dependent: a sync, and no CUDA graph
@@ -312,7 +301,7 @@ class MoE(nn.Module):
             gate, up = F.linear(x[token], self.w13[e]).chunk(2, dim=-1)
             out.index_add_(0, token, F.linear(F.silu(gate) * up, self.w2[e]) * weights[token, slot, None])
         if self.shared_expert is not None:
-            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x, backend)
         return out
 
 # %% ../nbs/25_models.ipynb #2084a855
@@ -325,9 +314,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(o.hidden_size, o.rms_norm_eps)
         self.mlp = MoE(o) if o.moe_layers[layer] else MLP(o.hidden_size, o.intermediate_size, o.mlp_bias)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor, cos_sin: torch.Tensor,
+                ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+        "`(mlp output, residual)`: the residual is the layer's input with the attention output added; None in layer 0."
+        if residual is None: x, residual = self.input_layernorm(x, backend=ctx.backend), x
+        else: x, residual = self.input_layernorm(x, residual, backend=ctx.backend)
+        x = self.self_attn(x, positions, cos_sin, ctx)
+        x, residual = self.post_attention_layernorm(x, residual, backend=ctx.backend)
+        return self.mlp(x, ctx.backend), residual
 
 
 class DecoderModel(nn.Module):
@@ -340,10 +334,9 @@ class DecoderModel(nn.Module):
         self.rotary = RotaryEmbedding(o.rope, o.head_dim, o.max_position_embeddings)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
-        cos, sin = self.rotary(positions)
-        for layer in self.layers: x = layer(x, cos, sin, ctx)
-        return self.norm(x)
+        x, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers: x, residual = layer(x, residual, positions, self.rotary.cos_sin, ctx)
+        return self.norm(x, residual, backend=ctx.backend)[0]
 
 
 class CausalLM(nn.Module):
