@@ -4,9 +4,11 @@ one token and none; the references against the model's old expressions; bad inpu
 decode step. Where CUDA is, the same run on the GPU, plus CUDA-graph capture of every op.
 
 Tolerances: float32 within 1e-6 of the largest |reference| (the kernels do the reference's operations, but sum a row's
-squares in another order, and a GPU may fuse a product and a sum); float16/bfloat16 at most one unit in the last place
-of either value, on at most 1% of the elements (the kernels round at the places torch rounds; a float32 value that
-differs in its last bits can still straddle a rounding boundary)."""
+squares in another order, and a GPU may fuse a product and a sum); float16/bfloat16 at most two units in the last place
+of the larger value, on at most 1% of the elements (the kernels round at the places torch rounds, but a float32 value
+that differs in its last bits, a sum or an exponential, can straddle a rounding boundary: one unit, or two once that
+rounded value is multiplied by the norm's weight or by `up`). Measured here: bf16 bit-identical but for about one
+element in 50,000, fp16's SiLU one in 5,000."""
 import os
 
 import pytest
@@ -44,7 +46,7 @@ def assert_close(out, ref):
     if out.dtype == torch.float32:
         assert diff.max() <= 1e-6 * ref.abs().max().clamp_min(1e-30), f'max |diff| {diff.max():.2e}'
         return
-    assert (diff <= torch.maximum(ulp(out), ulp(ref))).all(), f'max |diff| {diff.max():.2e}: more than one ulp'
+    assert (diff <= 2 * torch.maximum(ulp(out), ulp(ref))).all(), f'max |diff| {diff.max():.2e}: more than two ulps'
     assert (diff > 0).float().mean() <= 0.01, f'{(diff > 0).float().mean():.2%} of the elements differ'
 
 
@@ -282,7 +284,8 @@ def test_decode_step_kernel_count(arch, per_layer, tmp_path):
 @cuda
 def test_ops_are_cuda_graph_capturable():
     "Capture the three ops in one graph, replay on new inputs written into the same tensors, compare with eager."
-    x, res, w = (randn(4, 896, seed=s, dtype=torch.bfloat16) for s in range(3))
+    x, res = (randn(4, 896, seed=s, dtype=torch.bfloat16) for s in range(2))
+    w = randn(896, seed=2, dtype=torch.bfloat16)
     qkv, table = randn(4, 18 * 64, seed=4, dtype=torch.bfloat16), rope_table(64, 64, torch.bfloat16)
     positions, gate_up = torch.tensor([1, 5, 9, 63], device='cuda'), randn(4, 2 * 4864, seed=5, dtype=torch.bfloat16)
 
