@@ -115,20 +115,20 @@ class ModelRunner:
                            self.backend, False)
 
     @torch.inference_mode()
-    def execute(self, inputs: StepInputs) -> torch.Tensor:
-        "The float32 logits `[sampling rows, vocab]` of a step."
+    def execute(self, inputs: StepInputs, float32: bool = True) -> torch.Tensor:
+        "The logits `[sampling rows, vocab]` of a step: float32, or the model's dtype (`float32=False`, for an argmax)."
         S = len(inputs.seq_lens)
         if inputs.is_decode and self.graphs and S <= self.max_num_seqs:
             hidden = self._replay(inputs)[:S]
             if len(inputs.sample_index) < S:     # a one-token prompt chunk that is not the prompt's end samples nothing
                 hidden = hidden[torch.from_numpy(inputs.sample_index).to(self.device)]
-            return self.model.compute_logits(hidden)
+            return self.model.compute_logits(hidden, float32)
         ids, positions, sample_index = self._to_device(inputs.input_ids, inputs.positions, inputs.sample_index)
         slots, seq_lens, cu, tables = self._to_device(inputs.slot_mapping, inputs.seq_lens, inputs.cu_seqlens_q,
                                                       np.ascontiguousarray(inputs.block_tables))
         ctx = self._context(slots, cu, seq_lens, tables, inputs.max_seqlen_q, inputs.max_seqlen_k)
         hidden = self.model(ids, positions, ctx)
-        return self.model.compute_logits(hidden[sample_index])
+        return self.model.compute_logits(hidden[sample_index], float32)
 
 # %% ../nbs/28_engine.ipynb #f963129d
 @patch
@@ -388,7 +388,7 @@ def step(self: Engine) -> list[RequestOutput]:
     if not out.requests:
         sched.update(out, [])
         return []
-    logits = self.runner.execute(prepare_step(out, sched.running, self.kv))
+    logits = self.runner.execute(prepare_step(out, sched.running, self.kv), float32=self._num_not_greedy > 0)
     requests = [out.requests[i] for i in np.flatnonzero(out.samples).tolist()]
     tokens, logprobs = self._sample(logits, requests, out.slots[out.samples])
     result = sched.update(out, tokens)
@@ -398,7 +398,7 @@ def step(self: Engine) -> list[RequestOutput]:
 @patch
 def _sample(self: Engine, logits: torch.Tensor, requests: list[Request], slots: np.ndarray):
     "Sampled token ids (a list) and, when any request asks, per request the {token: logprob} of its chosen and top tokens."
-    if not self._num_not_greedy: return logits.argmax(-1).tolist(), None      # the common case, with nothing to build
+    if not self._num_not_greedy: return logits.argmax(-1).tolist(), None      # the common case: an argmax of the model-dtype logits
     params = [r.sampling_params for r in requests]
     prompt_lens = np.fromiter((r.num_prompt_tokens for r in requests), dtype=np.int64, count=len(requests))
     positions = (self.scheduler.running.length[slots] - prompt_lens).tolist()
