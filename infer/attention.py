@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 
 from .platforms import get_current_platform
 
@@ -191,14 +192,16 @@ def store_kv_reference(k, v, key_cache, value_cache, slot_mapping, validate: boo
         else: cache[slots // bs, slots % bs] = x.to(cache.dtype)
 
 
-def _gather_kv(cache, tables, first: int, ctx: int, dtype) -> torch.Tensor:
-    "Positions `first:ctx` of each sequence of `tables [n, *]`, as one tensor `[n, kv_heads, ctx - first, head_dim]`."
+def _gather_kv(cache, tables, first: int, ctx: int, dtype, contiguous: bool = True) -> torch.Tensor:
+    """Positions `first:ctx` of each sequence of `tables [n, *]`, as one tensor `[n, kv_heads, ctx - first, head_dim]`
+    (a transposed view of the gathered copy with `contiguous=False`)."""
     bs = cache.shape[1]
     blocks = tables[:, first // bs:(ctx + bs - 1) // bs].long()
     start = first - first // bs * bs
     n, w = blocks.shape
     gathered = cache.index_select(0, blocks.reshape(-1)).view(n, w * bs, *cache.shape[2:])   # index_select: a plain copy
-    return gathered[:, start:start + ctx - first].to(dtype).transpose(1, 2).contiguous()
+    view = gathered[:, start:start + ctx - first].to(dtype).transpose(1, 2)
+    return view.contiguous() if contiguous else view
 
 def _attend_reference(q, k, v, q_pos, k_pos, kv_len, scale, sliding_window, softcap, alibi):
     """Attention of `q [n, m, H, D]` (positions `q_pos [n, m]`) over `k`, `v` `[n, kv_heads, L, D]` (positions `k_pos [L]`,
@@ -253,10 +256,16 @@ def paged_attention_reference(q, key_cache, value_cache, cu_seqlens_q, seq_lens,
         rows = torch.tensor(decodes[i:j], device=q.device)
         q_pos = (seq_lens[rows].long() - 1)[:, None]
         first = first_visible(int(q_pos.min()))
-        k, v = (_gather_kv(c, block_tables[rows], first, ctx, acc) for c in (key_cache, value_cache))
-        tokens = cu_seqlens_q[rows].long()
-        out[tokens] = _attend_reference(q[tokens][:, None], k, v, q_pos, torch.arange(first, ctx, device=q.device),
-                                        seq_lens[rows], *options)[:, 0].to(q.dtype)
+        tokens, k_pos = cu_seqlens_q[rows].long(), torch.arange(first, ctx, device=q.device)
+        if softcap is None and alibi_slopes is None:     # torch's fused kernel reads the strided gather as it is
+            k, v = (_gather_kv(c, block_tables[rows], first, ctx, acc, contiguous=False) for c in (key_cache, value_cache))
+            seen = k_pos[None] <= q_pos
+            if sliding_window is not None: seen &= k_pos[None] > q_pos - sliding_window
+            out[tokens] = F.scaled_dot_product_attention(q[tokens].to(acc)[:, :, None], k, v, attn_mask=seen[:, None, None],
+                                                         scale=scale, enable_gqa=True)[:, :, 0].to(q.dtype)
+        else:
+            k, v = (_gather_kv(c, block_tables[rows], first, ctx, acc) for c in (key_cache, value_cache))
+            out[tokens] = _attend_reference(q[tokens][:, None], k, v, q_pos, k_pos, seq_lens[rows], *options)[:, 0].to(q.dtype)
         i = j
     for s in (i for i in range(len(lens)) if q_lens[i] > 1):    # prefill rows, one sequence at a time
         start = lens[s] - q_lens[s]
