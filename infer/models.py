@@ -287,11 +287,11 @@ class MoE(nn.Module):
         self.shared_expert_gate = nn.Linear(H, 1, bias=False) if shared else None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        "Each token's `top_k` experts `[T, k]` and their weights (in x's dtype)."
+        "Each token's `top_k` experts `[T, k]` and their weights (float32, as transformers keeps them)."
         probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)
         weights, experts = probs.topk(self.top_k, dim=-1)
         if self.renormalize: weights = weights / weights.sum(-1, keepdim=True)
-        return weights.to(x.dtype), experts
+        return weights, experts
 
     def forward(self, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
         weights, experts = self.route(x)
@@ -299,7 +299,7 @@ class MoE(nn.Module):
         for e in experts.unique().tolist():                        # data-dependent: a sync, and no CUDA graph
             token, slot = (experts == e).nonzero(as_tuple=True)
             gate, up = F.linear(x[token], self.w13[e]).chunk(2, dim=-1)
-            out.index_add_(0, token, F.linear(F.silu(gate) * up, self.w2[e]) * weights[token, slot, None])
+            out.index_add_(0, token, (F.linear(F.silu(gate) * up, self.w2[e]) * weights[token, slot, None]).to(x.dtype))
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x, backend)
         return out
