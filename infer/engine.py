@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -365,7 +365,6 @@ def _plain_greedy(params: SamplingParams) -> bool:
 
 def _nth(params: SamplingParams, i: int) -> SamplingParams:
     "The parameters of continuation `i` of an `n > 1` request: one continuation, seed + i."
-    from dataclasses import replace
     return replace(params, n=1, seed=None if params.seed is None else params.seed + i)
 
 @patch
