@@ -21,7 +21,7 @@ from .attention import attention_backend
 from .models import CausalLM, StepContext, load_model
 from .paging import KVCache, KVCacheManager, cdiv
 from .requests import MIN_SAMPLING_TEMPERATURE, Request, RequestError, SamplingParams
-from .sampling import Sampler, SamplingBatch
+from .sampling import IncrementalDetokenizer, Sampler, SamplingBatch
 from .scheduler import RunningBatch, Scheduler, SchedulerConfig, SchedulerOutput
 
 # %% auto #0
@@ -208,6 +208,7 @@ class _Tracked:
     output: RequestOutput
     children: list[Request]
     stream: bool = False
+    detokenizers: list | None = None     # streaming with a tokenizer: one `IncrementalDetokenizer` per continuation
 
 def _dtype_of(dtype, config) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype): return dtype
@@ -317,6 +318,7 @@ def _eos_token_id(folder, config, tokenizer) -> int | None:
 @patch
 def _tokenize(self: Engine, prompt) -> tuple[str | None, list[int]]:
     if isinstance(prompt, str):
+        if not prompt: raise EngineError('the prompt is an empty string (an empty prompt): give some text')
         if self.tokenizer is None:
             raise EngineError('this model folder has no tokenizer, so prompts must be token ids (a list of ints)')
         return prompt, self.tokenizer(prompt).input_ids
@@ -353,7 +355,8 @@ def add_request(self: Engine, request_id: str, prompt, params: SamplingParams | 
     for c in children[1:]: self.scheduler.add_request(c)
     if not _plain_greedy(params): self._num_not_greedy += n
     out = RequestOutput(request_id, text, ids, [CompletionOutput(i, []) for i in range(n)])
-    tracked = self.tracked[request_id] = _Tracked(out, children, stream)
+    detokenizers = [IncrementalDetokenizer(self.tokenizer) for _ in children] if stream and self.tokenizer else None
+    tracked = self.tracked[request_id] = _Tracked(out, children, stream, detokenizers)
     for i, c in enumerate(children):
         self._parent[c.request_id] = (tracked, i)
         if params.logprobs is not None: out.outputs[i].logprobs = []
@@ -436,8 +439,10 @@ def _outputs(self: Engine, requests, tokens, logprobs, finished: dict) -> list[R
         if r.request_id in self._parent and (tracked := self._parent[r.request_id][0]).stream:
             i = self._parent[r.request_id][1]
             completion = tracked.output.outputs[i]
-            completion.token_ids = list(r.output_token_ids)
-            if self.tokenizer is not None: completion.text = self.tokenizer.decode(completion.token_ids, skip_special_tokens=True)
+            seen, completion.token_ids = len(completion.token_ids), list(r.output_token_ids)
+            if tracked.detokenizers is not None:
+                tracked.detokenizers[i].push(completion.token_ids[seen:])
+                completion.text = tracked.detokenizers[i].text
             streamed[tracked.output.request_id] = tracked.output
     return done + list(streamed.values())
 
