@@ -98,3 +98,22 @@ def test_cuda_graphs_give_the_tokens_of_eager_and_transformers(case):
         b = [o.outputs[0].token_ids for o in eager.generate(prompts[:batch], params, use_tqdm=False)]
         assert a == b == [t for t, _ in reference[:batch]]
     assert graphs.engine.kv.num_free_blocks == graphs.engine.kv.pool.num_usable
+
+
+def test_repetition_penalty_and_top_logprobs_match_transformers(case):
+    "Greedy with a repetition penalty gives transformers' tokens; top-5 logprobs are its log-softmax's top 5 (1e-4)."
+    folder, prompts, _ = case
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    llm = LLM(folder, dtype='float32', device='cpu')
+    outs = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0, repetition_penalty=1.8, logprobs=5),
+                        use_tqdm=False)
+    with torch.inference_mode():
+        for p, out in zip(prompts, outs):
+            g = model.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, repetition_penalty=1.8,
+                               output_logits=True, return_dict_in_generate=True)
+            assert out.outputs[0].token_ids == g.sequences[0, len(p):].tolist()
+            for step, entry in zip(torch.stack(g.logits)[:, 0].float().log_softmax(-1), out.outputs[0].logprobs):
+                top = step.topk(5)
+                got = sorted(((v, t) for t, v in entry.items()), reverse=True)[:5]
+                np.testing.assert_allclose([v for v, _ in got], top.values.tolist(), atol=1e-4)
+                assert set(top.indices.tolist()) <= set(entry)
