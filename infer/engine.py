@@ -80,13 +80,13 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 class ModelRunner:
     "Runs scheduled steps through `model` over the paged `kv_cache`: eagerly, or by replaying a CUDA graph for decode."
     def __init__(self, model: CausalLM, kv_cache: KVCache, kv: KVCacheManager, max_num_seqs: int, max_model_len: int,
-                 backend: str | None = None, cuda_graphs: bool = True):
+                 backend: str | None = None, cuda_graphs: bool = True, seed: int = 0):
         self.model, self.kv_cache, self.kv = model, kv_cache, kv
         self.device = kv_cache.tensor.device
         self.backend = attention_backend(self.device, backend)
         self.max_model_len, self.max_num_seqs = max_model_len, max_num_seqs
         self.layers = [(kv_cache.key(i), kv_cache.value(i)) for i in range(kv_cache.spec.num_layers)]
-        self.sampler = Sampler()
+        self.sampler = Sampler(torch.Generator(self.device).manual_seed(seed))   # for the rows without a seed of their own
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._staging: dict[np.dtype, torch.Tensor] = {}     # reused pinned host buffers, one per dtype (CUDA)
         if cuda_graphs and self.device.type == 'cuda' and not model.is_moe: self.capture_graphs()
@@ -210,7 +210,7 @@ class _Tracked:
     stream: bool = False
     detokenizers: list | None = None     # streaming with a tokenizer: one `IncrementalDetokenizer` per continuation
 
-def _dtype_of(dtype, config) -> torch.dtype | None:
+def _dtype_of(dtype) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype): return dtype
     if dtype == 'auto': return None
     named = {'float32': torch.float32, 'float': torch.float32, 'float16': torch.float16, 'half': torch.float16,
@@ -227,7 +227,7 @@ class Engine:
                  load_format: str = 'auto', seed: int = 0, tokenizer=None, attention_backend: str | None = None,
                  policy: str = 'fcfs', preemption_mode: str = 'recompute'):
         device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-        self.model = load_model(model, dtype=_dtype_of(dtype, None), device=device, load_format=load_format, seed=seed)
+        self.model = load_model(model, dtype=_dtype_of(dtype), device=device, load_format=load_format, seed=seed)
         self.tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(model)
         self.vocab_size = self.model.config.vocab_size
         self.eos_token_id = _eos_token_id(model, self.model.config, self.tokenizer)
@@ -243,7 +243,7 @@ class Engine:
         detokenize = (lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)) if self.tokenizer is not None else None
         self.scheduler = Scheduler(self.config, self.kv, detokenize)
         self.runner = ModelRunner(self.model, self.kv_cache, self.kv, max_num_seqs, max_model_len, attention_backend,
-                                  cuda_graphs=not enforce_eager)
+                                  cuda_graphs=not enforce_eager, seed=seed)
         self.tracked: dict[str, _Tracked] = {}
         self._parent: dict[str, tuple[_Tracked, int]] = {}     # scheduler request id -> (its prompt's record, index)
         self._num_not_greedy = 0        # unfinished continuations that sample, penalise or want logprobs
