@@ -7,6 +7,7 @@ Docs: https://infer-dev.github.io/infer/engine.html.md"""
 # %% ../nbs/28_engine.ipynb #9f9cea16
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import time
@@ -88,22 +89,27 @@ class ModelRunner:
         self.layers = [(kv_cache.key(i), kv_cache.value(i)) for i in range(kv_cache.spec.num_layers)]
         self.sampler = Sampler(torch.Generator(self.device).manual_seed(seed))   # for the rows without a seed of their own
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._staging: dict[np.dtype, torch.Tensor] = {}     # reused pinned host buffers, one per dtype (CUDA)
+        self.graph_sizes: list[int] = []          # sorted
+        self._staging: dict[np.dtype, tuple[torch.Tensor, torch.cuda.Event]] = {}   # reused pinned buffers, one per dtype
         if cuda_graphs and self.device.type == 'cuda' and not model.is_moe: self.capture_graphs()
 
     def _to_device(self, *arrays: np.ndarray) -> list[torch.Tensor]:
         """Arrays of one dtype, moved to the device in one copy, as views of the copy. On CUDA the copy starts from a
-        pinned buffer kept from step to step (pinning afresh costs more than the copy); the step's one sync, when
-        its sampled tokens come back, comes after the copy, so the buffer is free again by the next step."""
+        pinned buffer kept from step to step (pinning afresh costs more than the copy); before the buffer is written
+        again, its last copy must have left it (an event; in practice the step's sync on its sampled tokens saw to it)."""
         flat = np.concatenate([a.ravel() for a in arrays]) if len(arrays) > 1 else arrays[0].ravel()
         if self.device.type != 'cuda': dev = torch.from_numpy(flat)
         else:
-            buf = self._staging.get(flat.dtype)
+            buf, copied = self._staging.get(flat.dtype, (None, None))
             if buf is None or buf.numel() < flat.size:
-                buf = self._staging[flat.dtype] = torch.empty(max(flat.size, 2 * (buf.numel() if buf is not None else 4096)),
-                                                              dtype=torch.from_numpy(flat[:0]).dtype, pin_memory=True)
+                buf = torch.empty(max(flat.size, 2 * (buf.numel() if buf is not None else 4096)),
+                                  dtype=torch.from_numpy(flat[:0]).dtype, pin_memory=True)
+                copied = torch.cuda.Event()
+                self._staging[flat.dtype] = buf, copied
+            copied.synchronize()
             buf.numpy()[:flat.size] = flat
             dev = buf[:flat.size].to(self.device, non_blocking=True)
+            copied.record()
         views, at = [], 0
         for a in arrays:
             views.append(dev[at:at + a.size].view(a.shape))
@@ -118,7 +124,7 @@ class ModelRunner:
     def execute(self, inputs: StepInputs, float32: bool = True) -> torch.Tensor:
         "The logits `[sampling rows, vocab]` of a step: float32, or the model's dtype (`float32=False`, for an argmax)."
         S = len(inputs.seq_lens)
-        if inputs.is_decode and self.graphs and S <= self.max_num_seqs:
+        if inputs.is_decode and self.graphs and S <= self.graph_sizes[-1]:
             hidden = self._replay(inputs)[:S]
             if len(inputs.sample_index) < S:     # a one-token prompt chunk that is not the prompt's end samples nothing
                 hidden = hidden[torch.from_numpy(inputs.sample_index).to(self.device)]
@@ -152,13 +158,14 @@ def capture_graphs(self: ModelRunner, sizes: list[int] | None = None) -> None:
                 hidden = self.model(self.g_long[0, :b], self.g_long[1, :b], ctx)
         pool = graph.pool()
         self.graphs[b] = (graph, hidden)
+    self.graph_sizes = sizes
     torch.cuda.synchronize(dev)
 
 @patch
 def _replay(self: ModelRunner, inputs: StepInputs) -> torch.Tensor:
     "Copy a decode step's inputs into the static buffers and replay the smallest graph that holds it; its hidden states."
     S = len(inputs.seq_lens)
-    b = next(size for size in sorted(self.graphs) if size >= S)
+    b = self.graph_sizes[bisect.bisect_left(self.graph_sizes, S)]
     graph, hidden = self.graphs[b]
     pad = b - S
     long = np.zeros((2, b), dtype=np.int64)
