@@ -223,6 +223,17 @@ def _attend_reference(q, k, v, q_pos, k_pos, kv_len, scale, sliding_window, soft
     return (p.view(n, kvh, g * m, L) @ v).view(n, kvh, g, m, D).permute(0, 3, 1, 2, 4).reshape(n, m, H, D)
 
 
+def _attend_decode(q, key_cache, value_cache, seq_lens, block_tables, first: int, ctx: int, scale, sliding_window, acc):
+    """Decode rows `q [n, H, D]` (one query each, at position `seq_lens - 1`) over their context's positions `first:ctx`,
+    through torch's fused attention, which reads the strided gather as it is (no transposed copy)."""
+    k, v = (_gather_kv(c, block_tables, first, ctx, acc, contiguous=False) for c in (key_cache, value_cache))
+    k_pos, q_pos = torch.arange(first, ctx, device=q.device), (seq_lens.long() - 1)[:, None]
+    seen = k_pos[None] <= q_pos
+    if sliding_window is not None: seen &= k_pos[None] > q_pos - sliding_window
+    return F.scaled_dot_product_attention(q.to(acc)[:, :, None], k, v, attn_mask=seen[:, None, None], scale=scale,
+                                          enable_gqa=True)[:, :, 0].to(q.dtype)
+
+
 def paged_attention_reference(q, key_cache, value_cache, cu_seqlens_q, seq_lens, block_tables, scale=None,
                               sliding_window=None, softcap=None, alibi_slopes=None, validate: bool = True,
                               max_elems: int = 1 << 21):
@@ -238,8 +249,11 @@ def paged_attention_reference(q, key_cache, value_cache, cu_seqlens_q, seq_lens,
     kvh = key_cache.shape[2]
     scale = D ** -0.5 if scale is None else float(scale)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    out = torch.zeros_like(q)
     cu, lens = cu_seqlens_q.tolist(), seq_lens.tolist()
+    if T == len(lens) and T * max(lens, default=0) * kvh * D <= max_elems and softcap is None and alibi_slopes is None:
+        return _attend_decode(q, key_cache, value_cache, seq_lens, block_tables, 0, max(lens, default=0), scale,
+                              sliding_window, acc)       # a decode step, small enough for one gather: no bookkeeping
+    out = torch.zeros_like(q)
     q_lens = [b - a for a, b in zip(cu, cu[1:])]
     options = (scale, sliding_window, softcap, alibi_slopes)
 
@@ -256,16 +270,14 @@ def paged_attention_reference(q, key_cache, value_cache, cu_seqlens_q, seq_lens,
         rows = torch.tensor(decodes[i:j], device=q.device)
         q_pos = (seq_lens[rows].long() - 1)[:, None]
         first = first_visible(int(q_pos.min()))
-        tokens, k_pos = cu_seqlens_q[rows].long(), torch.arange(first, ctx, device=q.device)
-        if softcap is None and alibi_slopes is None:     # torch's fused kernel reads the strided gather as it is
-            k, v = (_gather_kv(c, block_tables[rows], first, ctx, acc, contiguous=False) for c in (key_cache, value_cache))
-            seen = k_pos[None] <= q_pos
-            if sliding_window is not None: seen &= k_pos[None] > q_pos - sliding_window
-            out[tokens] = F.scaled_dot_product_attention(q[tokens].to(acc)[:, :, None], k, v, attn_mask=seen[:, None, None],
-                                                         scale=scale, enable_gqa=True)[:, :, 0].to(q.dtype)
+        tokens = cu_seqlens_q[rows].long()
+        if softcap is None and alibi_slopes is None:
+            out[tokens] = _attend_decode(q[tokens], key_cache, value_cache, seq_lens[rows], block_tables[rows], first, ctx,
+                                         scale, sliding_window, acc)
         else:
             k, v = (_gather_kv(c, block_tables[rows], first, ctx, acc) for c in (key_cache, value_cache))
-            out[tokens] = _attend_reference(q[tokens][:, None], k, v, q_pos, k_pos, seq_lens[rows], *options)[:, 0].to(q.dtype)
+            out[tokens] = _attend_reference(q[tokens][:, None], k, v, q_pos, torch.arange(first, ctx, device=q.device),
+                                            seq_lens[rows], *options)[:, 0].to(q.dtype)
         i = j
     for s in (i for i in range(len(lens)) if q_lens[i] > 1):    # prefill rows, one sequence at a time
         start = lens[s] - q_lens[s]
