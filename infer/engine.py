@@ -19,10 +19,10 @@ import torch
 from fastcore.basics import patch
 
 from .attention import attention_backend
-from .models import CausalLM, StepContext, load_model
+from .models import CausalLM, StepContext, load_model, step_context
 from .paging import KVCache, KVCacheManager, cdiv
 from .requests import MIN_SAMPLING_TEMPERATURE, Request, RequestError, SamplingParams
-from .sampling import IncrementalDetokenizer, Sampler, SamplingBatch
+from .sampling import IncrementalDetokenizer, Sampler, SamplingBatch, has_penalty
 from .scheduler import RunningBatch, Scheduler, SchedulerConfig, SchedulerOutput
 
 # %% auto #0
@@ -293,9 +293,7 @@ def _profile_peak(self: Engine, spec, device: torch.device, num_tokens: int, max
     positions = torch.cat([torch.arange(n) for n in lens])
     slots = torch.cat([tables[i, :cdiv(n, spec.block_size)].repeat_interleave(spec.block_size)[:n] * spec.block_size
                        + torch.arange(n) % spec.block_size for i, n in enumerate(lens)])
-    ctx = StepContext(slots.to(device), torch.tensor([0] + np.cumsum(lens).tolist(), dtype=torch.int32, device=device),
-                      torch.tensor(lens, dtype=torch.int32, device=device), tables.to(device), max(lens), max(lens), layers,
-                      attention_backend(device, None), False)
+    ctx = step_context(lens, lens, tables, slots, layers, backend=attention_backend(device, None))
     ids = torch.zeros(num_tokens, dtype=torch.int64, device=device)
     torch.cuda.reset_peak_memory_stats(device)
     self.model.compute_logits(self.model(ids, positions.to(device), ctx)[-min(num_tokens, max_num_seqs):])
@@ -370,8 +368,7 @@ def add_request(self: Engine, request_id: str, prompt, params: SamplingParams | 
 
 def _plain_greedy(params: SamplingParams) -> bool:
     "Whether a request's next token is just the argmax of its logits: greedy, no penalties, no logprobs."
-    return (params.temperature < MIN_SAMPLING_TEMPERATURE and params.repetition_penalty == 1 and not params.presence_penalty
-            and not params.frequency_penalty and params.logprobs is None)
+    return params.temperature < MIN_SAMPLING_TEMPERATURE and not has_penalty(params) and params.logprobs is None
 
 def _nth(params: SamplingParams, i: int) -> SamplingParams:
     "The parameters of continuation `i` of an `n > 1` request: one continuation, seed + i."
@@ -411,7 +408,7 @@ def _sample(self: Engine, logits: torch.Tensor, requests: list[Request], slots: 
     params = [r.sampling_params for r in requests]
     prompt_lens = np.fromiter((r.num_prompt_tokens for r in requests), dtype=np.int64, count=len(requests))
     positions = (self.scheduler.running.length[slots] - prompt_lens).tolist()
-    history = any(p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty for p in params)
+    history = any(map(has_penalty, params))
     batch = SamplingBatch.from_params(params, positions, self.vocab_size, logits.device,
                                       [r.prompt_token_ids for r in requests] if history else None,
                                       [r.output_token_ids for r in requests] if history else None)

@@ -17,9 +17,9 @@ from fastcore.basics import patch
 from .requests import MIN_SAMPLING_TEMPERATURE, SamplingParams
 
 # %% auto #0
-__all__ = ['SamplingError', 'seeded_uniform', 'Penalties', 'to_device', 'token_counts', 'build_penalties', 'SamplingBatch',
-           'apply_penalties', 'keep_threshold', 'draw', 'SamplerOutput', 'Sampler', 'IncrementalDetokenizer',
-           'find_stop_string']
+__all__ = ['SamplingError', 'seeded_uniform', 'Penalties', 'to_device', 'token_counts', 'has_penalty', 'build_penalties',
+           'SamplingBatch', 'apply_penalties', 'keep_threshold', 'draw', 'SamplerOutput', 'Sampler',
+           'IncrementalDetokenizer', 'find_stop_string']
 
 # %% ../nbs/27_sampling.ipynb #d84dc05b
 class SamplingError(ValueError):
@@ -69,7 +69,8 @@ def token_counts(histories: list, vocab_size: int, device) -> torch.Tensor:
     return counts[:, :vocab_size]
 
 # %% ../nbs/27_sampling.ipynb #28c23683
-def _has_penalty(p: SamplingParams) -> bool:
+def has_penalty(p: SamplingParams) -> bool:
+    "Whether `p` asks for a repetition, presence or frequency penalty (which need the token histories)."
     return p.repetition_penalty != 1 or p.presence_penalty != 0 or p.frequency_penalty != 0
 
 def _histories(histories, rows: list[int], name: str, batch_size: int) -> list[list[int]]:
@@ -131,7 +132,7 @@ class SamplingBatch:
             _fail(f'vocab_size must be a positive int (the logits\' last dimension), got {vocab_size!r}')
         device = torch.empty(0, device=device).device
         random = [i for i, p in enumerate(params) if p.temperature >= MIN_SAMPLING_TEMPERATURE]
-        penalized = [i for i, p in enumerate(params) if _has_penalty(p)]
+        penalized = [i for i, p in enumerate(params) if has_penalty(p)]
         asked = [p.logprobs for p in params if p.logprobs is not None]
         batch = cls(n, vocab_size, device, all_greedy=not random, all_random=bool(random) and len(random) == n,
                     random_rows=None, temperature=None, top_k=None, max_top_k=vocab_size, top_p=None, min_p=None,

@@ -21,7 +21,7 @@ from .paging import KVCacheManager, KVCacheSpec, cdiv
 from .requests import Request, RequestError, RequestStatus, SamplingParams, check_stop
 
 # %% auto #0
-__all__ = ['SchedulerConfig', 'ScheduledRequest', 'SchedulerOutput', 'RequestOutput', 'StepOutputs', 'RunningBatch', 'Scheduler',
+__all__ = ['SchedulerConfig', 'ScheduledRequest', 'SchedulerOutput', 'RequestUpdate', 'StepOutputs', 'RunningBatch', 'Scheduler',
            'context_hash_spec', 'ContextHashModel', 'StepCost', 'synthetic_workload', 'StepRecord', 'SimResult',
            'simulate', 'schedule_widget']
 
@@ -90,7 +90,7 @@ class SchedulerOutput:
         return self.kv.slot_mapping(zip(self.request_ids, self.starts.tolist(), self.num_tokens.tolist()))
 
 @dataclass(slots=True)
-class RequestOutput:
+class RequestUpdate:
     "What a step added to one request: for streaming, and the final word when `finished`."
     request_id: str
     new_token_ids: list[int]
@@ -100,7 +100,7 @@ class RequestOutput:
 
 @dataclass
 class StepOutputs:
-    "What a step added, as columns: the token each sampling request got, and which requests finished. Iterate for `RequestOutput`s."
+    "What a step added, as columns: the token each sampling request got, and which requests finished. Iterate for `RequestUpdate`s."
     request_ids: list[str]
     new_token_ids: list[int]
     finished: dict[str, tuple[str, int | str | None]]     # request id -> (finish_reason, stop_reason)
@@ -110,7 +110,7 @@ class StepOutputs:
     def __iter__(self):
         for rid, token in zip(self.request_ids, self.new_token_ids):
             reason, stop = self.finished.get(rid, (None, None))
-            yield RequestOutput(rid, [token], reason is not None, reason, stop)
+            yield RequestUpdate(rid, [token], reason is not None, reason, stop)
 
 # %% ../nbs/23_scheduler.ipynb #2620c6f1
 class RunningBatch:
@@ -389,7 +389,7 @@ def _finish(self: Scheduler, request: Request, status: RequestStatus) -> None:
     self._finished_ids.append(request.request_id)
 
 @patch
-def abort(self: Scheduler, request_ids: str | list[str]) -> list[RequestOutput]:
+def abort(self: Scheduler, request_ids: str | list[str]) -> list[RequestUpdate]:
     """Abort requests in any state, freeing everything they hold. An id that is unknown (never added,
     or already finished) is ignored: a client may abort a request that finished a moment earlier.
     A running request aborted while a step is in flight is finished by that step's `update`, after
@@ -399,7 +399,7 @@ def abort(self: Scheduler, request_ids: str | list[str]) -> list[RequestOutput]:
         if (request := self.requests.get(rid)) is None or rid in self._deferred_aborts: continue
         if self._in_flight is not None and request.status is RequestStatus.RUNNING: self._deferred_aborts.append(rid)
         else: self._finish(request, RequestStatus.FINISHED_ABORTED)
-        outputs.append(RequestOutput(rid, [], True, 'abort'))
+        outputs.append(RequestUpdate(rid, [], True, 'abort'))
     return outputs
 
 # %% ../nbs/23_scheduler.ipynb #260fd08e

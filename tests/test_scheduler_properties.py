@@ -151,8 +151,8 @@ class Run:
     aborted: set[str] = field(default_factory=set)                   # aborted while unfinished
     admissions: list[str] = field(default_factory=list)             # first admissions, in order
     keys: dict[str, tuple] = field(default_factory=dict)            # the policy's order, computed here
-    streamed: dict[str, list[int]] = field(default_factory=dict)    # new_token_ids of every RequestOutput
-    finish_reasons: dict[str, str] = field(default_factory=dict)    # from the RequestOutput that finished it
+    streamed: dict[str, list[int]] = field(default_factory=dict)    # new_token_ids of every RequestUpdate
+    finish_reasons: dict[str, str] = field(default_factory=dict)    # from the RequestUpdate that finished it
     dropped: list[str] = field(default_factory=list)                # SchedulerOutput.finished_request_ids
     stats: Counter = field(default_factory=Counter)
     steps: int = 0
