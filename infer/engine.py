@@ -254,6 +254,7 @@ class Engine:
         self.tracked: dict[str, _Tracked] = {}
         self._parent: dict[str, tuple[_Tracked, int]] = {}     # scheduler request id -> (its prompt's record, index)
         self._num_not_greedy = 0        # unfinished continuations that sample, penalise or want logprobs
+        self._num_streaming = 0         # unfinished prompts added with stream=True
         self.num_steps = 0
 
     def has_unfinished_requests(self) -> bool: return self.scheduler.has_unfinished()
@@ -359,6 +360,7 @@ def add_request(self: Engine, request_id: str, prompt, params: SamplingParams | 
     self.scheduler.add_request(children[0])            # the scheduler's own checks; the other children are the same
     for c in children[1:]: self.scheduler.add_request(c)
     if not _plain_greedy(params): self._num_not_greedy += n
+    self._num_streaming += stream
     out = RequestOutput(request_id, text, ids, [CompletionOutput(i, []) for i in range(n)])
     detokenizers = [IncrementalDetokenizer(self.tokenizer) for _ in children] if stream and self.tokenizer else None
     tracked = self.tracked[request_id] = _Tracked(out, children, stream, detokenizers)
@@ -439,7 +441,7 @@ def _outputs(self: Engine, requests, tokens, logprobs, finished: dict) -> list[R
         self._finish_child(tracked.children[i], reason, stop)
         if all(c.finished for c in tracked.output.outputs): done.append(self._close(tracked.output.request_id))
     streamed = {}
-    for r in requests:
+    for r in requests if self._num_streaming else ():
         if r.request_id in self._parent and (tracked := self._parent[r.request_id][0]).stream:
             i = self._parent[r.request_id][1]
             completion = tracked.output.outputs[i]
@@ -465,6 +467,7 @@ def _finish_child(self: Engine, request: Request, reason: str, stop) -> None:
 @patch
 def _close(self: Engine, request_id: str) -> RequestOutput:
     tracked = self.tracked.pop(request_id)
+    self._num_streaming -= tracked.stream
     tracked.output.finished = True
     tracked.output.num_cached_tokens = tracked.children[0].num_cached_tokens
     return tracked.output
