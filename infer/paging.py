@@ -220,7 +220,7 @@ class PrefixHit:
 
 NO_HIT = PrefixHit([], 0)
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class HeldBlocks:
     "The blocks one request holds, in order, and how far its prefix-cache chain goes."
     blocks: list
@@ -410,21 +410,20 @@ def slot_headroom(self: KVCacheManager, request_id: str) -> int:
 def grow(self: KVCacheManager, request_ids: list[str]) -> bool:
     """One more block for each request of `request_ids` (holding blocks already), for all of them or, returning
     `False`, for none. Registers nothing with the prefix cache (see above)."""
-    helds = [self.held.get(rid) for rid in request_ids]
-    if None in helds: self._held(request_ids[helds.index(None)])          # raises: it holds nothing here
-    columns = [len(h.blocks) for h in helds]
-    most = max(columns, default=0)
+    held = self.held
+    try: helds = [held[rid] for rid in request_ids]
+    except KeyError: helds = [self._held(rid) for rid in request_ids]     # raises, naming the request that holds nothing
+    most = max(map(len, (h.block_ids for h in helds)), default=0)
     if self.max_model_len is not None and most >= cdiv(self.max_model_len, self.block_size):
-        rid = request_ids[columns.index(most)]
+        rid = next(r for r, h in zip(request_ids, helds) if len(h.block_ids) == most)
         raise CacheError(f'request {rid!r} holds {most} blocks, all that max_model_len={self.max_model_len} allows')
     if most >= self.table.shape[1]: self.table = np.pad(self.table, ((0, 0), (0, self.table.shape[1])))
     if len(helds) > len(self.pool.free): return False
-    blocks, rows = self.pool.take(len(helds)), []
-    for held, block in zip(helds, blocks):
-        held.blocks.append(block)
-        held.block_ids.append(block.block_id)
-        rows.append(held.row)
-    self.table[rows, columns] = [b.block_id for b in blocks]
+    table = self.table
+    for h, block in zip(helds, self.pool.take(len(helds))):    # a few per step: scalar writes beat fancy indexing
+        table[h.row, len(h.block_ids)] = block.block_id
+        h.blocks.append(block)
+        h.block_ids.append(block.block_id)
     return True
 
 

@@ -77,12 +77,15 @@ class PrefixCache:
     def insert(self, request, blocks: list, start: int, end: int, serial: int) -> int | None:
         "Cache `request`'s full blocks `start:end`, chained after `serial`; the new chain serial, or None after a collision."
         hashes, bs, all_tokens, entries = request.block_hashes, self.block_size, request.all_token_ids, self.entries
+        hash_fn, serials, live, known = self.hash_fn, self._serials, self.live_serials, len(hashes)
         plain = not getattr(request, 'mm_positions', ())       # then only block 0 can have extra keys
         for i in range(start, end):
             tokens = tuple(all_tokens[i * bs:(i + 1) * bs])
             extra = () if i and plain else block_extra_keys(request, i, bs)
-            if i == len(hashes): hashes.append(self.hash_fn(hashes[i - 1] if i else None, tokens, extra))
-            h = hashes[i]
+            if i < known: h = hashes[i]
+            else:
+                h = hash_fn(hashes[i - 1] if i else None, tokens, extra)
+                hashes.append(h)
             cached = entries.get(h)
             if cached is not None and not self._same(cached, serial, tokens, extra):
                 orphan = (cached.token_ids == tokens and cached.extra_keys == extra     # only the parent differs,
@@ -92,9 +95,9 @@ class PrefixCache:
                 cached = None
             if cached is None:
                 cached = entries[h] = blocks[i]
-                cached.hash, cached.serial, cached.parent_serial = h, next(self._serials), serial
+                cached.hash, cached.serial, cached.parent_serial = h, next(serials), serial
                 cached.token_ids, cached.extra_keys = tokens, extra
-                self.live_serials.add(cached.serial)
+                live.add(cached.serial)
             serial = cached.serial
         return serial
 

@@ -250,7 +250,7 @@ def schedule(self: Scheduler) -> SchedulerOutput:
     computed, length = batch.computed[order], batch.length[order]
     want = np.minimum(length - computed, cap)
     n = want if (total := int(want.sum())) <= budget else np.minimum(np.maximum(budget - (np.cumsum(want) - want), 0), want)
-    grow = np.flatnonzero(computed + n > batch.headroom[order])
+    grow = (computed + n > batch.headroom[order]).nonzero()[0]
     if grow.size:                       # a decode row takes one block; through `grow`, all together
         decode = n[grow] == 1
         if kv.grow([batch.ids[i] for i in grow[decode].tolist()]):
@@ -322,9 +322,9 @@ def _preempt(self: Scheduler, request: Request) -> None:
 
 # %% ../nbs/23_scheduler.ipynb #863ea016
 @patch
-def _sampled_tokens(self: Scheduler, ids: list[str], sampled, aborted: set[str]) -> list:
-    """`sampled` as a list of tokens in the order of `ids`, or a `RequestError` saying what does not match. By id,
-    the requests aborted while the step was in flight may be left out."""
+def _sampled_tokens(self: Scheduler, ids: list[str], sampled, aborted: set[str]) -> list | np.ndarray:
+    """`sampled` as a list (or a numpy array) of tokens in the order of `ids`, or a `RequestError` saying what does
+    not match. By id, the requests aborted while the step was in flight may be left out."""
     if isinstance(sampled, dict):
         if len(sampled) != len(ids) or not all(map(sampled.__contains__, ids)):
             if missing := sorted(set(ids) - set(sampled) - aborted):
@@ -334,7 +334,8 @@ def _sampled_tokens(self: Scheduler, ids: list[str], sampled, aborted: set[str])
         sampled = [sampled.get(i) for i in ids]
     elif isinstance(sampled, (np.ndarray, torch.Tensor)):
         if sampled.ndim != 1: raise RequestError(f'sampled tokens must be one token per row, got shape {tuple(sampled.shape)}')
-        sampled = sampled.tolist()
+        if isinstance(sampled, torch.Tensor): sampled = sampled.cpu().numpy()
+        if sampled.size and sampled.dtype.kind not in 'iu': raise RequestError(f'sampled tokens must be integers, got {sampled.dtype}')
     elif not isinstance(sampled, list): sampled = list(sampled)
     if len(sampled) != len(ids):
         raise RequestError(f'{len(sampled)} sampled tokens for the {len(ids)} requests that reached their last token this '
@@ -361,13 +362,14 @@ def update(self: Scheduler, output: SchedulerOutput, sampled: list[int] | np.nda
         requests, ids, tokens = [r for r, k in zip(requests, keep) if k], [i for i, k in zip(ids, keep) if k], \
             [t for t, k in zip(tokens, keep) if k]
         slots = slots[np.array(keep, dtype=bool)]
-    token_array = np.array(tokens, dtype=np.int64)
-    if len(tokens) and token_array.min() < 0:
+    token_array = np.asarray(tokens, dtype=np.int64)
+    if len(token_array) and token_array.min() < 0:
         raise RequestError(f'sampled tokens must be token ids (ints >= 0), got {token_array.min()}')
+    if not isinstance(tokens, list) or aborted: tokens = token_array.tolist()
     self._in_flight = None
     maybe_done = batch.append_tokens(slots, token_array)
     finished = {}
-    for j in np.flatnonzero(maybe_done).tolist():
+    for j in maybe_done.nonzero()[0].tolist():
         request = requests[j]
         if (status := check_stop(request, self.config.max_model_len, self.detokenize)) is not None:
             self._finish(request, status)
