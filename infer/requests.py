@@ -107,7 +107,7 @@ FINISHED = frozenset({RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LEN
 _ENDS = {RequestStatus.FINISHED_ABORTED, RequestStatus.FINISHED_ERROR}
 ALLOWED_TRANSITIONS = {
     RequestStatus.WAITING: {RequestStatus.RUNNING} | _ENDS,
-    RequestStatus.PREEMPTED: {RequestStatus.RUNNING} | _ENDS,
+    RequestStatus.PREEMPTED: {RequestStatus.RUNNING} | FINISHED,
     RequestStatus.RUNNING: {RequestStatus.PREEMPTED} | FINISHED,
     **{s: set() for s in FINISHED},
 }

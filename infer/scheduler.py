@@ -35,6 +35,7 @@ class SchedulerConfig:
     long_prefill_token_threshold: int | None = None   # one request's most tokens per step (chunked prefill on); None: half the budget
     policy: str = 'fcfs'                    # 'fcfs' or 'priority'
     preemption_mode: str = 'recompute'      # 'recompute' or 'swap' (falls back to recompute when CPU space is full)
+    async_scheduling: bool = False          # allow scheduling a step while the previous one awaits its `update`
 
     def __post_init__(self):
         for name in ('max_num_batched_tokens', 'max_num_seqs', 'max_model_len'):
@@ -104,6 +105,7 @@ class StepOutputs:
     request_ids: list[str]
     new_token_ids: list[int]
     finished: dict[str, tuple[str, int | str | None]]     # request id -> (finish_reason, stop_reason)
+    rows: list[int] | None = None     # which of the step's sampling rows these are; None: all of them, in order
 
     def __len__(self): return len(self.request_ids)
 
@@ -115,7 +117,7 @@ class StepOutputs:
 # %% ../nbs/23_scheduler.ipynb #2620c6f1
 class RunningBatch:
     "The running requests in scheduling order; their counters and newest tokens in numpy columns, a slot per request."
-    COLUMNS = ('computed', 'length', 'headroom', 'length_cap', 'eos', 'synced')
+    COLUMNS = ('computed', 'length', 'headroom', 'length_cap', 'eos', 'synced', 'in_flight')
 
     def __init__(self, capacity: int, max_model_len: int, pending_width: int = 128):
         self.requests: list[Request] = []            # scheduling order
@@ -127,6 +129,7 @@ class RunningBatch:
         self.pending = np.zeros((capacity, pending_width), dtype=np.int64)   # tokens at positions synced, synced + 1, ...
         self.max_model_len = max_model_len
         self._free_slots = list(range(capacity - 1, -1, -1))
+        self.num_left_in_flight = 0     # requests that left while a token of theirs was being sampled
 
     def __len__(self): return len(self.requests)
     def __iter__(self): return iter(self.requests)
@@ -137,7 +140,7 @@ class RunningBatch:
         length_cap = 0 if params.stop or params.stop_token_ids else \
             min(request.num_prompt_tokens + params.max_tokens, self.max_model_len)     # 0: check every step
         values = (request.num_computed_tokens, request.num_tokens, headroom, length_cap,
-                  -1 if params.ignore_eos or request.eos_token_id is None else request.eos_token_id, request.num_tokens)
+                  -1 if params.ignore_eos or request.eos_token_id is None else request.eos_token_id, request.num_tokens, 0)
         for c, v in zip(self.COLUMNS, values): getattr(self, c)[slot] = v
         i, n = bisect.bisect(self.keys, key), len(self.requests)
         self.order[i + 1:n + 1] = self.order[i:n]
@@ -165,11 +168,13 @@ class RunningBatch:
             at[full] = 0
         self.pending[slots, at] = tokens
         self.length[slots] = length = length + 1
+        self.in_flight[slots] -= 1
         return (length >= self.length_cap[slots]) | (tokens == self.eos[slots])
 
     def _take_out(self, i: int) -> Request:
         request, slot, n = self.requests[i], self.requests[i]._slot, len(self.requests)
         self.sync(request)
+        self.num_left_in_flight += bool(self.in_flight[slot])
         request._computed, request._batch, request._slot = int(self.computed[slot]), None, -1
         self.order[i:n - 1] = self.order[i + 1:n]
         del self.requests[i], self.keys[i], self.ids[i]
@@ -196,7 +201,7 @@ class Scheduler:
         self._keys: dict[str, tuple] = {}
         self._order = itertools.count()
         self._finished_ids: list[str] = []
-        self._in_flight: SchedulerOutput | None = None     # scheduled, waiting for `update`
+        self._in_flight: list[SchedulerOutput] = []      # scheduled, waiting for `update`, oldest first
         self._deferred_aborts: list[str] = []
 
     def _key(self, request: Request) -> tuple:
@@ -239,15 +244,16 @@ def add_request(self: Scheduler, request: Request) -> None:
 @patch
 def schedule(self: Scheduler) -> SchedulerOutput:
     "Choose this step's tokens: running requests first, preempting if the cache is full, then waiting ones."
-    if self._in_flight is not None:
-        raise RequestError('the previous step is still in flight: call update() with its sampled tokens before scheduling the next')
     cfg, kv, batch = self.config, self.kv, self.running
+    if len(self._in_flight) > cfg.async_scheduling:
+        raise RequestError('the previous step is still in flight: call update() with its sampled tokens before scheduling the next'
+                           + ('' if cfg.async_scheduling else ' (or set async_scheduling to schedule one step ahead)'))
     budget, cap = cfg.max_num_batched_tokens, cfg.long_prefill_token_threshold
     preempted = []
 
     m = len(batch)
     order = batch.order[:m].copy()
-    computed, length = batch.computed[order], batch.length[order]
+    computed, length = batch.computed[order], batch.length[order] + batch.in_flight[order]   # a token being sampled counts
     want = np.minimum(length - computed, cap)
     n = want if (total := int(want.sum())) <= budget else np.minimum(np.maximum(budget - (np.cumsum(want) - want), 0), want)
     grow = (computed + n > batch.headroom[order]).nonzero()[0]
@@ -305,10 +311,11 @@ def schedule(self: Scheduler) -> SchedulerOutput:
         starts = np.concatenate([starts, [s for _, s, _ in admitted]]).astype(np.int64)
         counts = np.concatenate([counts, [k for _, _, k in admitted]]).astype(np.int64)
         samples = np.concatenate([samples, [r.num_computed_tokens == r.num_tokens for r, _, _ in admitted]])
+    batch.in_flight[slots] += samples
     finished, self._finished_ids = self._finished_ids, []
-    self._in_flight = SchedulerOutput(requests, ids, starts, counts, samples, cfg.max_num_batched_tokens - budget, preempted,
-                                      finished, kv, slots)
-    return self._in_flight
+    out = SchedulerOutput(requests, ids, starts, counts, samples, cfg.max_num_batched_tokens - budget, preempted, finished, kv, slots)
+    self._in_flight.append(out)
+    return out
 
 @patch
 def _preempt(self: Scheduler, request: Request) -> None:
@@ -346,8 +353,8 @@ def _sampled_tokens(self: Scheduler, ids: list[str], sampled, aborted: set[str])
 def update(self: Scheduler, output: SchedulerOutput, sampled: list[int] | np.ndarray | torch.Tensor | dict[str, int]) -> StepOutputs:
     """Apply a step's sampled tokens, one per request that reached its last token, in batch order (or by request id);
     return each request's new tokens and whether it finished."""
-    if output is not self._in_flight:
-        raise RequestError('update() takes the output of the latest schedule() call, once')
+    if not self._in_flight or output is not self._in_flight[0]:
+        raise RequestError('update() takes the outputs of schedule() in order, each once')
     batch = self.running
     if np.count_nonzero(output.samples) == len(output.requests):
         requests, ids, slots = output.requests, output.request_ids, output.slots
@@ -357,27 +364,36 @@ def update(self: Scheduler, output: SchedulerOutput, sampled: list[int] | np.nda
         requests, ids, slots = [output.requests[j] for j in rows], [output.request_ids[j] for j in rows], output.slots[which]
     aborted = set(self._deferred_aborts)
     tokens = self._sampled_tokens(ids, sampled, aborted)
-    if aborted:                       # the model computed them, but they get no token
-        keep = [rid not in aborted for rid in ids]
-        requests, ids, tokens = [r for r, k in zip(requests, keep) if k], [i for i, k in zip(ids, keep) if k], \
-            [t for t, k in zip(tokens, keep) if k]
-        slots = slots[np.array(keep, dtype=bool)]
+    kept = None
+    if aborted or batch.num_left_in_flight:      # the model computed them, but aborted or finished requests get no token
+        kept = [j for j, r in enumerate(requests) if not (r.is_finished or r.request_id in aborted)]
+        requests, ids, tokens, slots = [requests[j] for j in kept], [ids[j] for j in kept], [tokens[j] for j in kept], slots[kept]
     token_array = np.asarray(tokens, dtype=np.int64)
     if len(token_array) and token_array.min() < 0:
         raise RequestError(f'sampled tokens must be token ids (ints >= 0), got {token_array.min()}')
-    if not isinstance(tokens, list) or aborted: tokens = token_array.tolist()
-    self._in_flight = None
-    maybe_done = batch.append_tokens(slots, token_array)
+    if not isinstance(tokens, list) or kept is not None: tokens = token_array.tolist()
+    self._in_flight.pop(0)
     finished = {}
-    for j in maybe_done.nonzero()[0].tolist():
-        request = requests[j]
-        if (status := check_stop(request, self.config.max_model_len, self.detokenize)) is not None:
-            self._finish(request, status)
-            finished[request.request_id] = (status.finish_reason, request.stop_reason)
+    if kept is not None and any(r._batch is not batch for r in requests):
+        inside = np.array([r._batch is batch for r in requests])
+        for j in np.flatnonzero(~inside).tolist():     # preempted while its token was sampled: it keeps its own tokens
+            requests[j].append_output_token(tokens[j])
+            self._check_stop(requests[j], finished)
+        in_batch, slots, token_array = [r for r, i in zip(requests, inside) if i], slots[inside], token_array[inside]
+    else: in_batch = requests
+    maybe_done = batch.append_tokens(slots, token_array)
+    for j in maybe_done.nonzero()[0].tolist(): self._check_stop(in_batch[j], finished)
+    if not self._in_flight: batch.num_left_in_flight = 0
     for rid in self._deferred_aborts:
         if rid in self.requests: self._finish(self.requests[rid], RequestStatus.FINISHED_ABORTED)
     self._deferred_aborts = []
-    return StepOutputs(ids, tokens, finished)
+    return StepOutputs(ids, tokens, finished, kept)
+
+@patch
+def _check_stop(self: Scheduler, request: Request, finished: dict) -> None:
+    if (status := check_stop(request, self.config.max_model_len, self.detokenize)) is not None:
+        self._finish(request, status)
+        finished[request.request_id] = (status.finish_reason, request.stop_reason)
 
 @patch
 def _finish(self: Scheduler, request: Request, status: RequestStatus) -> None:
@@ -399,7 +415,7 @@ def abort(self: Scheduler, request_ids: str | list[str]) -> list[RequestUpdate]:
     outputs = []
     for rid in [request_ids] if isinstance(request_ids, str) else request_ids:
         if (request := self.requests.get(rid)) is None or rid in self._deferred_aborts: continue
-        if self._in_flight is not None and request.status is RequestStatus.RUNNING: self._deferred_aborts.append(rid)
+        if self._in_flight and request.status is RequestStatus.RUNNING: self._deferred_aborts.append(rid)
         else: self._finish(request, RequestStatus.FINISHED_ABORTED)
         outputs.append(RequestUpdate(rid, [], True, 'abort'))
     return outputs
@@ -416,14 +432,20 @@ class ContextHashModel:
             raise ValueError('ContextHashModel needs a cache made with KVCacheManager.for_spec(context_hash_spec(block_size), ...)')
         self.kv, self.vocab_size = kv, vocab_size
 
-    def __call__(self, output: SchedulerOutput) -> dict[str, int]:
+    def inputs(self, output: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor]:
+        "The step's slot mapping and block table, read from the cache manager as a runner reads them: right after `schedule`."
+        return output.slot_mapping(), output.block_table().long()
+
+    def __call__(self, output: SchedulerOutput, inputs: tuple | None = None) -> dict[str, int]:
+        "Run the step (its `inputs`, if they were taken earlier) and sample, by request id."
         scheduled = output.scheduled
         if not scheduled: return {}
         keys, values = self.kv.kv_cache.key(0).view(-1), self.kv.kv_cache.value(0).view(-1)
-        slots = output.slot_mapping()
-        keys[slots] = torch.tensor([t for s in scheduled for t in s.token_ids])
+        slots, table = inputs or self.inputs(output)
+        # a request that ended while the token it continues from was being sampled never learns it: a filler (its sample is dropped)
+        keys[slots] = torch.tensor([t for s in scheduled for t in s.token_ids + [0] * (s.num_tokens - len(s.token_ids))])
         values[slots] = torch.cat([torch.arange(s.start, s.start + s.num_tokens) for s in scheduled])
-        table, bs = output.block_table().long(), self.kv.block_size
+        bs = self.kv.block_size
         sampled = {}
         for row, s in enumerate(scheduled):
             if not s.samples: continue

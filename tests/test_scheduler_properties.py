@@ -344,6 +344,53 @@ def check_end(run: Run, sched: Scheduler, kv: KVCacheManager):
     assert kv.num_free_cpu_blocks == kv.num_cpu_blocks
 
 
+def drive_async(w: Workload) -> Run:
+    """Run `w` with `async_scheduling`, as an engine that overlaps its host work with the GPU does: each step is
+    scheduled (and its slot mapping and block table taken) before the previous step's `update`; the model runs the
+    step after that update, once the token it continues from is known. Aborts come just before `schedule`, while
+    the previous step is in flight."""
+    kv = KVCacheManager.for_spec(context_hash_spec(w.block_size), w.num_blocks, num_cpu_blocks=w.num_cpu_blocks,
+                                 enable_prefix_caching=w.prefix_caching)
+    sched = Scheduler(dataclasses.replace(w.config(), async_scheduling=True), kv)
+    model = ContextHashModel(kv, vocab_size=VOCAB)
+    run = Run(w)
+    bound, last_add = step_bound(w), max(r.add_step for r in w.requests)
+    step, previous = 0, None
+
+    def apply(out, sampled):
+        rows = [s.request.request_id for s in out.scheduled if s.samples]
+        run.stats['late_tokens'] += sum(run.requests[rid].status is RequestStatus.PREEMPTED for rid in rows)
+        results = sched.update(out, torch.tensor([sampled[rid] for rid in rows], dtype=torch.int64))
+        if results.rows is not None: run.stats['rows_dropped_or_late'] += 1
+        for o in results:
+            run.streamed[o.request_id] += o.new_token_ids
+            if o.finished: run.finish_reasons[o.request_id] = o.finish_reason
+        kv.audit()
+
+    while step <= last_add or sched.has_unfinished() or previous is not None:
+        assert step < bound, f'no end after {bound} steps: livelock ({len(sched.waiting)} waiting, {len(sched.running)} running)'
+        for spec in w.requests:
+            if spec.add_step == step:
+                sched.add_request(request := spec.make())
+                run.requests[spec.rid], run.streamed[spec.rid] = request, []
+            if spec.abort_step == step and spec.rid in sched.requests:
+                sched.abort(spec.rid)
+                run.aborted.add(spec.rid)
+        out = sched.schedule()
+        run.dropped += out.finished_request_ids
+        run.stats['preemptions'] += len(out.preempted_request_ids)
+        assert out.num_batched_tokens <= w.max_num_batched_tokens and len(sched.running) <= w.max_num_seqs
+        inputs = model.inputs(out) if out.scheduled else None
+        if previous is not None: apply(*previous)
+        previous = (out, model(out, inputs)) if out.scheduled else None
+        if not out.scheduled: apply(out, {})
+        step += 1
+    run.dropped += sched.schedule().finished_request_ids
+    sched.update(sched._in_flight[0], [])
+    check_end(run, sched, kv)
+    return run
+
+
 # ---------------------------------------------------------------------------------------------
 # The reference: each request alone in a big cache
 
@@ -499,3 +546,21 @@ def test_chunked_prefill_off_needs_a_budget_of_max_model_len():
     run = drive(dataclasses.replace(LIVELOCK, max_num_batched_tokens=32))
     assert run.stats['preemptions'] > 0
     assert_matches_alone(run)
+
+
+def test_async_scheduling_gives_the_same_tokens():
+    """Property 5: scheduling each step before the previous step's tokens are known (one step in flight, as the engine
+    does on a GPU) changes no request's tokens, preempted (by recompute or swap) while a token of theirs was being
+    sampled or not, aborted while in flight or not; every request finishes and the cache ends full."""
+    seen = Counter()
+
+    @settings(max_examples=150, **SETTINGS)
+    @given(workloads())
+    def check(w):
+        run = drive_async(w)
+        assert_matches_alone(run)
+        seen.update(run.stats)
+
+    check()
+    for what in ('preemptions', 'late_tokens', 'rows_dropped_or_late', 'aborted', 'stopped', 'length'):
+        assert seen[what] > 0, f'no generated workload had any {what}: {dict(seen)}'
