@@ -11,7 +11,7 @@ import bisect
 import json
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,23 +43,30 @@ class StepInputs:
     sample_index: np.ndarray     # int64: the token rows whose logits are sampled (each sampling request's last token)
     max_seqlen_q: int
     max_seqlen_k: int
+    from_previous: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))   # token rows the previous step samples
+    previous_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))   # ...at these rows of its tokens
 
     @property
     def is_decode(self) -> bool: return self.max_seqlen_q == 1
 
-def token_ids_of_step(out: SchedulerOutput, batch: RunningBatch, offsets: np.ndarray) -> np.ndarray:
-    "The token ids a step computes, packed: decode rows read the running batch's pending tokens, prefill rows their prompt."
-    ids = np.empty(int(out.num_tokens.sum()), dtype=np.int64)
+def token_ids_of_step(out: SchedulerOutput, batch: RunningBatch, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The token ids a step computes, packed (decode rows read the running batch's pending tokens, prefill rows their
+    prompt), and the requests whose one token is still being sampled by the step in flight (left 0 in the ids)."""
+    ids = np.zeros(int(out.num_tokens.sum()), dtype=np.int64)
+    single = out.num_tokens == 1
+    unknown = single & (out.starts >= batch.length[out.slots])
     at = out.starts - batch.synced[out.slots]          # where position `start` sits in the pending buffer, if it does
-    fast = (out.num_tokens == 1) & (at >= 0)
+    fast = single & (at >= 0) & ~unknown
     ids[offsets[fast]] = batch.pending[out.slots[fast], at[fast]]
-    for i in np.flatnonzero(~fast).tolist():
+    for i in np.flatnonzero(~(fast | unknown)).tolist():
         start, n = int(out.starts[i]), int(out.num_tokens[i])
         ids[offsets[i]:offsets[i] + n] = out.requests[i].all_token_ids[start:start + n]
-    return ids
+    return ids, np.flatnonzero(unknown)
 
-def prepare_step(out: SchedulerOutput, batch: RunningBatch, kv: KVCacheManager) -> StepInputs:
-    "The flat inputs of the step `out` schedules (before `update`)."
+def prepare_step(out: SchedulerOutput, batch: RunningBatch, kv: KVCacheManager,
+                 previous_rows: np.ndarray | None = None) -> StepInputs:
+    """The flat inputs of the step `out` schedules (before `update`). With a step in flight, `previous_rows[slot]` is
+    the row of that step's sampled tokens that holds the next token of the request in running-batch slot `slot`."""
     starts, counts, bs = out.starts, out.num_tokens, kv.block_size
     offsets = np.cumsum(counts) - counts
     positions = np.arange(int(counts.sum()), dtype=np.int64) + np.repeat(starts - offsets, counts)
@@ -68,9 +75,13 @@ def prepare_step(out: SchedulerOutput, batch: RunningBatch, kv: KVCacheManager) 
     seq_lens = (starts + counts).astype(np.int32)
     width = cdiv(int(seq_lens.max()), bs)
     slots = kv.table[np.repeat(rows, counts), positions // bs] * bs + positions % bs
-    return StepInputs(token_ids_of_step(out, batch, offsets), positions, slots.astype(np.int32), seq_lens,
-                      np.concatenate([[0], np.cumsum(counts)]).astype(np.int32), kv.table[rows, :width],
-                      (offsets + counts - 1)[out.samples], int(counts.max()), int(seq_lens.max()))
+    ids, unknown = token_ids_of_step(out, batch, offsets)
+    inputs = StepInputs(ids, positions, slots.astype(np.int32), seq_lens, np.concatenate([[0], np.cumsum(counts)]).astype(np.int32),
+                        kv.table[rows, :width], (offsets + counts - 1)[out.samples], int(counts.max()), int(seq_lens.max()))
+    if unknown.size:
+        if previous_rows is None: raise ValueError('this step continues from tokens still being sampled: pass previous_rows')
+        inputs.from_previous, inputs.previous_rows = offsets[unknown], previous_rows[out.slots[unknown]].astype(np.int64)
+    return inputs
 
 # %% ../nbs/28_engine.ipynb #214cd9e8
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -121,15 +132,18 @@ class ModelRunner:
                            self.backend, False)
 
     @torch.inference_mode()
-    def execute(self, inputs: StepInputs, float32: bool = True) -> torch.Tensor:
-        "The logits `[sampling rows, vocab]` of a step: float32, or the model's dtype (`float32=False`, for an argmax)."
+    def execute(self, inputs: StepInputs, float32: bool = True, previous: torch.Tensor | None = None) -> torch.Tensor:
+        """The logits `[sampling rows, vocab]` of a step: float32, or the model's dtype (`float32=False`, for an argmax).
+        `previous`: the sampled tokens (on the device) of the step in flight, which `inputs.from_previous` continue from."""
         S = len(inputs.seq_lens)
         if inputs.is_decode and self.graphs and S <= self.graph_sizes[-1]:
-            hidden = self._replay(inputs)[:S]
+            hidden = self._replay(inputs, previous)[:S]
             if len(inputs.sample_index) < S:     # a one-token prompt chunk that is not the prompt's end samples nothing
                 hidden = hidden[torch.from_numpy(inputs.sample_index).to(self.device)]
             return self.model.compute_logits(hidden, float32)
-        ids, positions, sample_index = self._to_device(inputs.input_ids, inputs.positions, inputs.sample_index)
+        ids, positions, sample_index, into, rows = self._to_device(inputs.input_ids, inputs.positions, inputs.sample_index,
+                                                                   inputs.from_previous, inputs.previous_rows)
+        if len(into): ids.index_copy_(0, into, previous[rows])
         slots, seq_lens, cu, tables = self._to_device(inputs.slot_mapping, inputs.seq_lens, inputs.cu_seqlens_q,
                                                       np.ascontiguousarray(inputs.block_tables))
         ctx = self._context(slots, cu, seq_lens, tables, inputs.max_seqlen_q, inputs.max_seqlen_k)
@@ -162,7 +176,7 @@ def capture_graphs(self: ModelRunner, sizes: list[int] | None = None) -> None:
     torch.cuda.synchronize(dev)
 
 @patch
-def _replay(self: ModelRunner, inputs: StepInputs) -> torch.Tensor:
+def _replay(self: ModelRunner, inputs: StepInputs, previous: torch.Tensor | None = None) -> torch.Tensor:
     "Copy a decode step's inputs into the static buffers and replay the smallest graph that holds it; its hidden states."
     S = len(inputs.seq_lens)
     b = self.graph_sizes[bisect.bisect_left(self.graph_sizes, S)]
@@ -171,9 +185,10 @@ def _replay(self: ModelRunner, inputs: StepInputs) -> torch.Tensor:
     long = np.zeros((2, b), dtype=np.int64)
     long[0, :S], long[1, :S] = inputs.input_ids, inputs.positions
     small = np.concatenate([inputs.slot_mapping, np.full(pad, -1, np.int32), inputs.seq_lens, np.ones(pad, np.int32)])
-    long_d, = self._to_device(long)
+    long_d, into, rows = self._to_device(long, inputs.from_previous, inputs.previous_rows)
     small_d, tables_d = self._to_device(small, np.ascontiguousarray(inputs.block_tables))
     self.g_long[:, :b].copy_(long_d)
+    if len(into): self.g_long[0].index_copy_(0, into, previous[rows])
     self.g_slots[:b].copy_(small_d[:b])
     self.g_seq_lens[:b].copy_(small_d[b:])
     self.g_tables[:S, :tables_d.shape[1]].copy_(tables_d)
@@ -232,8 +247,9 @@ class Engine:
                  enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True, gpu_memory_utilization: float = 0.9,
                  num_blocks: int | None = None, kv_cache_memory: int | None = None, enforce_eager: bool = False,
                  load_format: str = 'auto', seed: int = 0, tokenizer=None, attention_backend: str | None = None,
-                 policy: str = 'fcfs', preemption_mode: str = 'recompute'):
+                 policy: str = 'fcfs', preemption_mode: str = 'recompute', async_scheduling: bool | None = None):
         device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+        self.async_scheduling = device.type == 'cuda' if async_scheduling is None else bool(async_scheduling)
         self.model = load_model(model, dtype=_dtype_of(dtype), device=device, load_format=load_format, seed=seed)
         self.tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(model)
         self.vocab_size = self.model.config.vocab_size
@@ -246,7 +262,8 @@ class Engine:
         self.kv_cache = KVCache(spec, num_blocks, device)
         self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching=enable_prefix_caching, max_model_len=max_model_len)
         self.config = SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-                                      enable_chunked_prefill=enable_chunked_prefill, policy=policy, preemption_mode=preemption_mode)
+                                      enable_chunked_prefill=enable_chunked_prefill, policy=policy, preemption_mode=preemption_mode,
+                                      async_scheduling=self.async_scheduling)
         detokenize = (lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)) if self.tokenizer is not None else None
         self.scheduler = Scheduler(self.config, self.kv, detokenize)
         self.runner = ModelRunner(self.model, self.kv_cache, self.kv, max_num_seqs, max_model_len, attention_backend,
@@ -255,9 +272,12 @@ class Engine:
         self._parent: dict[str, tuple[_Tracked, int]] = {}     # scheduler request id -> (its prompt's record, index)
         self._num_not_greedy = 0        # unfinished continuations that sample, penalise or want logprobs
         self._num_streaming = 0         # unfinished prompts added with stream=True
+        self._num_penalized = 0         # unfinished continuations with a repetition, presence or frequency penalty
+        self._launched: _Launched | None = None                        # the step in flight (async scheduling)
+        self._sample_row_of_slot = np.zeros(max_num_seqs, np.int64)    # running-batch slot -> row of its latest sampled token
         self.num_steps = 0
 
-    def has_unfinished_requests(self) -> bool: return self.scheduler.has_unfinished()
+    def has_unfinished_requests(self) -> bool: return self.scheduler.has_unfinished() or self._launched is not None
 
 # %% ../nbs/28_engine.ipynb #705a67ec
 @patch
@@ -360,6 +380,7 @@ def add_request(self: Engine, request_id: str, prompt, params: SamplingParams | 
     self.scheduler.add_request(children[0])            # the scheduler's own checks; the other children are the same
     for c in children[1:]: self.scheduler.add_request(c)
     if not _plain_greedy(params): self._num_not_greedy += n
+    if has_penalty(params): self._num_penalized += n
     self._num_streaming += stream
     out = RequestOutput(request_id, text, ids, [CompletionOutput(i, []) for i in range(n)])
     detokenizers = [IncrementalDetokenizer(self.tokenizer) for _ in children] if stream and self.tokenizer else None
@@ -388,53 +409,85 @@ def abort_request(self: Engine, request_ids: str | list[str]) -> list[RequestOut
     return outputs
 
 # %% ../nbs/28_engine.ipynb #ec5712c1
-@patch
-def step(self: Engine) -> list[RequestOutput]:
-    "One step of every running request; the outputs of prompts that finished in it (and of streaming ones that advanced)."
-    sched = self.scheduler
-    out = sched.schedule()
-    if not out.requests:
-        sched.update(out, [])
-        return []
-    logits = self.runner.execute(prepare_step(out, sched.running, self.kv), float32=self._num_not_greedy > 0)
-    requests = [out.requests[i] for i in np.flatnonzero(out.samples).tolist()]
-    tokens, logprobs = self._sample(logits, requests, out.slots[out.samples])
-    result = sched.update(out, tokens)
-    self.num_steps += 1
-    return self._outputs(requests, tokens, logprobs, result.finished)
+@dataclass
+class _Launched:
+    "A step on its way through the device: its schedule, its sampling requests, its tokens and logprobs (device and host)."
+    out: SchedulerOutput
+    requests: list[Request]
+    tokens: torch.Tensor | None = None      # on the device: what the next step may continue from
+    host: tuple = ()                        # (tokens, chosen logprobs, top ids, top logprobs) copying to the host
+    ready: torch.cuda.Event | None = None
 
 @patch
-def _sample(self: Engine, logits: torch.Tensor, requests: list[Request], slots: np.ndarray):
-    "Sampled token ids (a list) and, when any request asks, per request the {token: logprob} of its chosen and top tokens."
-    if not self._num_not_greedy: return logits.argmax(-1).tolist(), None      # the common case: an argmax of the model-dtype logits
+def step(self: Engine) -> list[RequestOutput]:
+    """One step of every running request; the outputs of prompts that finished (and of streaming ones that advanced).
+    With async scheduling they come from the step launched by the previous call, whose tokens are applied now."""
+    in_flight, self._launched = self._launched, None
+    if not self.async_scheduling or self._num_penalized:          # in order: the previous step's tokens first
+        outputs = self._complete(in_flight) if in_flight is not None else []
+        return outputs + self._complete(self._launch(self.scheduler.schedule(), None))
+    launched = self._launch(self.scheduler.schedule(), in_flight)
+    outputs = self._complete(in_flight) if in_flight is not None else []
+    if launched.tokens is None: return outputs + self._complete(launched)       # nothing ran: nothing to wait for
+    self._launched = launched
+    return outputs
+
+@patch
+def _launch(self: Engine, out: SchedulerOutput, in_flight: _Launched | None) -> _Launched:
+    "Send the step `out` to the device: inputs, model, sampling, and the copy of its tokens to the host."
+    if not out.requests: return _Launched(out, [])
+    sampling = np.flatnonzero(out.samples)
+    requests = [out.requests[i] for i in sampling.tolist()]
+    inputs = prepare_step(out, self.scheduler.running, self.kv, self._sample_row_of_slot if in_flight else None)
+    logits = self.runner.execute(inputs, float32=self._num_not_greedy > 0, previous=in_flight.tokens if in_flight else None)
+    tokens, logprobs = self._sample(logits, requests, out)
+    self._sample_row_of_slot[out.slots[sampling]] = np.arange(len(sampling))
+    host = tuple(t if t is None else t.to('cpu', non_blocking=True) for t in (tokens, *logprobs))
+    ready = None
+    if tokens.is_cuda:
+        ready = torch.cuda.Event()
+        ready.record()
+    return _Launched(out, requests, tokens, host, ready)
+
+@patch
+def _sample(self: Engine, logits: torch.Tensor, requests: list[Request], out: SchedulerOutput):
+    "Sampled token ids and (chosen, top ids, top values) logprob tensors (None where nobody asks), all on the device."
+    if not self._num_not_greedy: return logits.argmax(-1), (None, None, None)    # the common case: argmax of model-dtype logits
     params = [r.sampling_params for r in requests]
     prompt_lens = np.fromiter((r.num_prompt_tokens for r in requests), dtype=np.int64, count=len(requests))
-    positions = (self.scheduler.running.length[slots] - prompt_lens).tolist()
+    positions = ((out.starts + out.num_tokens)[out.samples] - prompt_lens).tolist()     # the sampled token's output index
     history = any(map(has_penalty, params))
     batch = SamplingBatch.from_params(params, positions, self.vocab_size, logits.device,
                                       [r.prompt_token_ids for r in requests] if history else None,
                                       [r.output_token_ids for r in requests] if history else None)
     sampled = self.runner.sampler(logits, batch)
-    tokens = sampled.token_ids.tolist()
-    if sampled.logprobs is None: return tokens, None
-    chosen = sampled.logprobs.tolist()
-    top_ids = sampled.top_logprob_ids.tolist() if sampled.top_logprob_ids is not None else [[]] * len(tokens)
-    top = sampled.top_logprobs.tolist() if sampled.top_logprobs is not None else [[]] * len(tokens)
-    logprobs = []
-    for p, t, c, ids, values in zip(params, tokens, chosen, top_ids, top):
-        if p.logprobs is None: logprobs.append(None); continue
-        entry = {t: c}
-        entry.update(zip(ids[:p.logprobs], values[:p.logprobs]))
-        logprobs.append(entry)
-    return tokens, logprobs
+    return sampled.token_ids, (sampled.logprobs, sampled.top_logprob_ids, sampled.top_logprobs)
 
 @patch
-def _outputs(self: Engine, requests, tokens, logprobs, finished: dict) -> list[RequestOutput]:
-    if logprobs is not None:
-        for r, entry in zip(requests, logprobs):
-            if entry is not None:
-                tracked, i = self._parent[r.request_id]
-                tracked.output.outputs[i].logprobs.append(entry)
+def _complete(self: Engine, launched: _Launched) -> list[RequestOutput]:
+    "Wait for a launched step's tokens, hand them to the scheduler, and build the outputs."
+    if launched.tokens is None:
+        self.scheduler.update(launched.out, [])
+        return []
+    if launched.ready is not None: launched.ready.synchronize()
+    tokens, chosen, top_ids, top = launched.host
+    result = self.scheduler.update(launched.out, tokens.numpy())
+    self.num_steps += 1
+    rows = range(len(launched.requests)) if result.rows is None else result.rows
+    if chosen is not None:
+        chosen, top_ids, top = chosen.tolist(), top_ids.tolist() if top_ids is not None else None, \
+            top.tolist() if top is not None else None
+        for j, rid, t in zip(rows, result.request_ids, result.new_token_ids):
+            if (k := launched.requests[j].sampling_params.logprobs) is None: continue
+            tracked, i = self._parent[rid]
+            entry = {t: chosen[j]}
+            if top_ids is not None: entry.update(zip(top_ids[j][:k], top[j][:k]))
+            tracked.output.outputs[i].logprobs.append(entry)
+    return self._outputs([launched.requests[j] for j in rows], result.finished)
+
+@patch
+def _outputs(self: Engine, requests: list[Request], finished: dict) -> list[RequestOutput]:
+    "The outputs of a step's update: prompts whose continuations all finished, and streaming prompts that advanced."
     done = []
     for rid, (reason, stop) in finished.items():
         tracked, i = self._parent[rid]
@@ -457,6 +510,7 @@ def _finish_child(self: Engine, request: Request, reason: str, stop) -> None:
     "Fill in the finished continuation `request`: its tokens, its text (cut before a stop string), why it stopped."
     tracked, i = self._parent.pop(request.request_id)
     if not _plain_greedy(request.sampling_params): self._num_not_greedy -= 1
+    if has_penalty(request.sampling_params): self._num_penalized -= 1
     completion = tracked.output.outputs[i]
     completion.token_ids = list(request.output_token_ids)
     if self.tokenizer is not None:

@@ -44,6 +44,9 @@ SETUPS = {
     'no-prefix-caching': dict(enable_prefix_caching=False),
     'chunked-prefill': dict(max_num_batched_tokens=16),
     'preemption': dict(block_size=4, num_blocks=24, max_num_batched_tokens=32, max_model_len=92),
+    # one step ahead, as on a GPU: each step is launched before the previous one's tokens reach the host
+    'async-chunked-prefill': dict(max_num_batched_tokens=16, async_scheduling=True),
+    'async-preemption': dict(block_size=4, num_blocks=24, max_num_batched_tokens=32, max_model_len=92, async_scheduling=True),
 }
 
 
@@ -52,7 +55,7 @@ def test_same_tokens_as_transformers(case, setup):
     folder, prompts, reference = case
     llm = LLM(folder, dtype='float32', device='cpu', **SETUPS[setup])
     preempted = []
-    if setup == 'preemption':
+    if 'preemption' in setup:
         inner = llm.engine.scheduler._preempt
         llm.engine.scheduler._preempt = lambda r: (preempted.append(r.request_id), inner(r))
     for _ in range(2):                     # the second round finds the prompts in the prefix cache
@@ -61,7 +64,7 @@ def test_same_tokens_as_transformers(case, setup):
             assert out.outputs[0].token_ids == tokens
             got = [next(iter(d.values())) for d in out.outputs[0].logprobs]
             np.testing.assert_allclose(got, logprobs, atol=1e-4)
-    if setup == 'preemption': assert preempted, 'the small cache should force preemption'
+    if 'preemption' in setup: assert preempted, 'the small cache should force preemption'
     if setup == 'prefix-caching': assert outs[1].num_cached_tokens >= 32      # its first blocks, from the first round
     llm.engine.kv.audit()
     assert llm.engine.kv.num_free_blocks == llm.engine.kv.pool.num_usable
@@ -117,3 +120,46 @@ def test_repetition_penalty_and_top_logprobs_match_transformers(case):
                 got = sorted(((v, t) for t, v in entry.items()), reverse=True)[:5]
                 np.testing.assert_allclose([v for v, _ in got], top.values.tolist(), atol=1e-4)
                 assert set(top.indices.tolist()) <= set(entry)
+
+
+def test_async_scheduling_gives_the_outputs_of_in_order_steps(case):
+    """One step ahead (each step launched before the previous step's tokens are applied) changes no output: stop token
+    ids, stop strings, seeded sampling with n=2 and top logprobs, min-p/top-p; streaming gives the same tokens; an abort
+    mid-stream leaves the others alone and the cache full."""
+    folder, prompts, reference = case
+    options = dict(dtype='float32', device='cpu', max_num_batched_tokens=24)
+    in_order, ahead = LLM(folder, **options), LLM(folder, async_scheduling=True, **options)
+    assert not in_order.engine.async_scheduling and ahead.engine.async_scheduling
+    tokens = [t for t, _ in reference]
+    params = [SamplingParams(max_tokens=20, temperature=0, stop_token_ids=[tokens[0][5]]),
+              SamplingParams(max_tokens=20, temperature=0.8, top_k=20, seed=7, n=2, logprobs=3),
+              SamplingParams(max_tokens=20, temperature=1.0, top_p=0.9, min_p=0.05, seed=3),
+              SamplingParams(max_tokens=20, temperature=0)]
+    if in_order.tokenizer is not None:
+        text = in_order.tokenizer.decode(tokens[3][:10], skip_special_tokens=True)
+        if text.strip(): params[3] = SamplingParams(max_tokens=20, temperature=0, stop=[text.strip()[-2:]])
+
+    def outputs(llm):
+        return [(c.token_ids, c.text, c.finish_reason, c.stop_reason, c.logprobs)
+                for o in llm.generate(prompts, params, use_tqdm=False) for c in o.outputs]
+
+    expected, got = outputs(in_order), outputs(ahead)
+    assert expected[0][2] == 'stop' and len(expected[0][0]) <= 6
+    assert [g[:4] for g in got] == [e[:4] for e in expected]
+    for g, e in zip(got, expected):        # the batches differ (a finished request runs one step more), so float sums may
+        assert (g[4] is None) == (e[4] is None)                                          # differ in the last bits
+        for a, b in zip(g[4] or [], e[4] or []):
+            assert list(a) == list(b) and np.allclose(list(a.values()), list(b.values()), atol=1e-5)
+
+    engine, streamed = ahead.engine, {}
+    for i, p in enumerate(prompts): engine.add_request(f's{i}', p, SamplingParams(max_tokens=16, temperature=0), stream=True)
+    steps = 0
+    while engine.has_unfinished_requests():
+        for o in engine.step(): streamed[o.request_id] = (list(o.outputs[0].token_ids), o.outputs[0].finish_reason)
+        steps += 1
+        if steps == 5: assert engine.abort_request('s1')[0].outputs[0].finish_reason == 'abort'
+    for i, t in enumerate(tokens):
+        if i != 1: assert streamed[f's{i}'] == (t[:16], 'length')
+    assert tokens[1][:len(streamed['s1'][0])] == streamed['s1'][0]
+    engine.kv.audit()
+    assert engine.kv.num_free_blocks == engine.kv.pool.num_usable and not engine.scheduler.requests
