@@ -41,18 +41,20 @@ H200_COPY_BYTES_PER_S, H200_BF16_FLOPS = 4.1e12, 720e12
 
 
 def decode_step_ms(llm, prompts, output_len):
-    "Median wall time of an engine step while every request decodes (after the prefill steps)."
-    engine, times = llm.engine, []
+    """Median time between the ends of consecutive engine steps while every request decodes (after the prefill steps,
+    before the last two). No sync per step: with async scheduling a step's end is the next one's launch, so the
+    interval between step ends is the steady-state step time, which is what throughput sees."""
+    engine, marks = llm.engine, []
     for i, p in enumerate(prompts):
         engine.add_request(f'decode-{i}', p, SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True))
+    prefill_steps = -(-sum(map(len, prompts)) // engine.config.max_num_batched_tokens) + 2
     device = engine.runner.device
+    if device.type == 'cuda': torch.cuda.synchronize(device)
+    marks.append(time.perf_counter())
     while engine.has_unfinished_requests():
-        decoding = engine.scheduler.num_waiting == 0 and all(r.num_computed_tokens == r.num_tokens - 1 for r in engine.scheduler.running)
-        if device.type == 'cuda': torch.cuda.synchronize(device)
-        start = time.perf_counter()
         engine.step()
-        if device.type == 'cuda': torch.cuda.synchronize(device)
-        if decoding and len(engine.scheduler.running) == len(prompts): times.append(time.perf_counter() - start)
+        marks.append(time.perf_counter())
+    times = np.diff(marks)[prefill_steps:-2]
     return 1e3 * statistics.median(times), len(times)
 
 
@@ -86,6 +88,8 @@ def main():
     ap.add_argument('--no-hf', action='store_true', help='infer alone')
     ap.add_argument('--enforce-eager', action='store_true', help='no CUDA graphs')
     ap.add_argument('--out', default='benchmarks/results/throughput.json')
+    ap.add_argument('--in-order-too', action='store_true',
+                    help="also time infer's fixed-batch workloads with async scheduling off (steps in order)")
     args = ap.parse_args()
     cuda = args.device.startswith('cuda')
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if cuda else torch.float32)
@@ -109,11 +113,20 @@ def main():
     rows, result = [], dict(preset=args.preset, config=BENCH_MODELS[args.preset], dtype=str(dtype), device=args.device,
                             torch=torch.__version__, repeats=args.repeats, workloads={})
 
+    def in_order(on: bool):
+        "Switch the engine between async scheduling (its CUDA default) and steps run in order (nothing is in flight here)."
+        llm.engine.async_scheduling = llm.engine.scheduler.config.async_scheduling = not on
+
     def measure(name, prompts, max_tokens, hf_batch):
         infer_runs = [time_llm(llm, prompts, max_tokens) for _ in range(args.repeats + 1)][1:]
         r = dict(prompts=len(prompts), output_tokens=sum(max_tokens),
                  infer_tokens_per_s=statistics.median(x['tokens_per_s'] for x in infer_runs),
                  infer_runs=[x['tokens_per_s'] for x in infer_runs])
+        if args.in_order_too and llm.engine.async_scheduling:
+            in_order(True)
+            runs = [time_llm(llm, prompts, max_tokens) for _ in range(args.repeats)]
+            in_order(False)
+            r['infer_in_order_tokens_per_s'] = statistics.median(x['tokens_per_s'] for x in runs)
         if hf is not None:
             hf_runs = [time_hf_generate(hf, prompts, max_tokens, hf_batch) for _ in range(args.repeats + 1)][1:]
             r['hf_tokens_per_s'] = statistics.median(x['tokens_per_s'] for x in hf_runs)
@@ -121,7 +134,8 @@ def main():
             r['speedup'] = r['infer_tokens_per_s'] / r['hf_tokens_per_s']
         result['workloads'][name] = r
         print(f"{name:34} {r['infer_tokens_per_s']:12,.0f} {r.get('hf_tokens_per_s', float('nan')):12,.0f} "
-              f"{r.get('speedup', float('nan')):8.2f}x", flush=True)
+              f"{r.get('speedup', float('nan')):8.2f}x" + (f"   (in order: {r['infer_in_order_tokens_per_s']:,.0f})"
+                                                          if 'infer_in_order_tokens_per_s' in r else ''), flush=True)
 
     print(f"\n{'workload (output tokens/s)':34} {'infer':>12} {'transformers':>12} {'ratio':>9}")
     for b in batches:
