@@ -601,7 +601,10 @@ def _reduce_splits_kernel(out_ptr, m_part_ptr, l_part_ptr, acc_part_ptr, cu_q_pt
 #       score tile and the accumulator in registers without spills; BLOCK_M 64 halves the reuse of each K/V tile.
 #   fused-decode (decode programs inside a mixed launch, which runs with the prefill launch's warps/stages),
 #       4 x 2048 new + 60 x 4096 decode, ms: (16,128) 0.681 | (32,128) 0.696 | (16,64) 0.741.
-# head_dim 64 and 256 entries are reasoned guesses, not measured (the 256 ones halve the tiles for registers).
+# head_dim 64 decode: measured later at Qwen2-0.5B's decode shapes (benchmarks/tune_decode_attention.py, a 27-config
+#   grid; benchmarks/recorded/tune_decode_attention_h200.json): within 10% of the grid's best at batch 1 to 256,
+#   contexts 192 and 1,024 (9.9 against 9.0 us at 256 x 192), so kept. The other head_dim 64 and 256 entries are
+#   reasoned guesses, not measured (the 256 ones halve the tiles for registers).
 # key: (kind, head_dim bucket) -> (BLOCK_M, TILE_N, num_warps, num_stages)
 H200_CONFIGS = {
     ('decode', 64): (16, 64, 4, 2),
