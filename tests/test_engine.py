@@ -163,3 +163,27 @@ def test_async_scheduling_gives_the_outputs_of_in_order_steps(case):
     assert tokens[1][:len(streamed['s1'][0])] == streamed['s1'][0]
     engine.kv.audit()
     assert engine.kv.num_free_blocks == engine.kv.pool.num_usable and not engine.scheduler.requests
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU (the H200 run is recorded in benchmarks/recorded)')
+def test_async_scheduling_on_cuda_matches_in_order_steps(case):
+    """On a GPU, float32, CUDA graphs on: one step ahead (the default there) gives the outputs of steps in order for
+    seeded sampling with n=2 and logprobs, stop token ids, and a cache small enough to preempt."""
+    folder, prompts, reference = case
+    tokens = [t for t, _ in reference]
+    params = [SamplingParams(max_tokens=20, temperature=0, stop_token_ids=[tokens[0][5]]),
+              SamplingParams(max_tokens=20, temperature=0.8, top_k=20, seed=7, n=2, logprobs=3),
+              SamplingParams(max_tokens=20, temperature=1.0, top_p=0.9, min_p=0.05, seed=3),
+              SamplingParams(max_tokens=NEW_TOKENS, temperature=0)]
+    results = []
+    for async_scheduling in (False, True):
+        llm = LLM(folder, dtype='float32', device='cuda', max_num_seqs=8, block_size=4, num_blocks=24,
+                  max_num_batched_tokens=32, max_model_len=92, async_scheduling=async_scheduling)
+        assert llm.engine.async_scheduling == async_scheduling
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        results.append([(c.token_ids, c.finish_reason, [sorted(d) for d in c.logprobs or []]) for o in outs for c in o.outputs])
+        assert outs[3].outputs[0].token_ids == tokens[3]
+        assert llm.engine.kv.num_free_blocks == llm.engine.kv.pool.num_usable
+        del llm
+        torch.cuda.empty_cache()
+    assert results[0] == results[1]
