@@ -80,7 +80,7 @@ def prepare_step(out: SchedulerOutput, batch: RunningBatch, kv: KVCacheManager,
                         kv.table[rows, :width], (offsets + counts - 1)[out.samples], int(counts.max()), int(seq_lens.max()))
     if unknown.size:
         if previous_rows is None: raise ValueError('this step continues from tokens still being sampled: pass previous_rows')
-        inputs.from_previous, inputs.previous_rows = offsets[unknown], previous_rows[out.slots[unknown]].astype(np.int64)
+        inputs.from_previous, inputs.previous_rows = offsets[unknown], previous_rows[out.slots[unknown]]
     return inputs
 
 # %% ../nbs/28_engine.ipynb #214cd9e8
@@ -483,7 +483,7 @@ def _complete(self: Engine, launched: _Launched) -> list[RequestOutput]:
             entry = {t: chosen[j]}
             if top_ids is not None: entry.update(zip(top_ids[j][:k], top[j][:k]))
             tracked.output.outputs[i].logprobs.append(entry)
-    return self._outputs([launched.requests[j] for j in rows], result.finished)
+    return self._outputs(launched.requests if result.rows is None else [launched.requests[j] for j in rows], result.finished)
 
 @patch
 def _outputs(self: Engine, requests: list[Request], finished: dict) -> list[RequestOutput]:
