@@ -224,10 +224,12 @@ NO_HIT = PrefixHit([], 0)
 class HeldBlocks:
     "The blocks one request holds, in order, and how far its prefix-cache chain goes."
     blocks: list
-    block_ids: list
-    row: int                     # its row of the manager's block table
+    row: int                     # its row of the manager's block table, which lists the blocks' ids
     num_cached: int = 0          # leading blocks registered in the prefix cache (or found there)
     serial: int | None = 0       # the chain's last serial; None once a collision stopped caching
+
+    @property
+    def block_ids(self) -> list[int]: return [b.block_id for b in self.blocks]
 
 @dataclass(slots=True)
 class SwappedBlocks:
@@ -318,18 +320,17 @@ def _hold_blocks(self: KVCacheManager, request_id: str, blocks: list, num_cached
         n = len(self.table)
         self.table = np.concatenate([self.table, np.zeros_like(self.table)])
         self._free_rows = list(range(2 * n - 1, n - 1, -1))
-    held = self.held[request_id] = HeldBlocks([], [], self._free_rows.pop(), num_cached, serial)
+    held = self.held[request_id] = HeldBlocks([], self._free_rows.pop(), num_cached, serial)
     self._append_blocks(held, blocks)
     return held
 
 @patch
 def _append_blocks(self: KVCacheManager, held: HeldBlocks, blocks: list) -> None:
-    n, ids = len(held.block_ids), [b.block_id for b in blocks]
+    n, ids = len(held.blocks), [b.block_id for b in blocks]
     if n + len(ids) > self.table.shape[1]:
         width = max(2 * self.table.shape[1], n + len(ids))
         self.table = np.pad(self.table, ((0, 0), (0, width - self.table.shape[1])))
     held.blocks += blocks
-    held.block_ids += ids
     if len(ids) == 1: self.table[held.row, n] = ids[0]      # one scalar write: a decode step's new block
     else: self.table[held.row, n:n + len(ids)] = ids
 
@@ -337,7 +338,7 @@ def _append_blocks(self: KVCacheManager, held: HeldBlocks, blocks: list) -> None
 def _drop_held(self: KVCacheManager, request_id: str) -> HeldBlocks:
     "Forget `request_id`'s blocks (the caller releases them) and free its table row."
     held = self.held.pop(request_id)
-    self.table[held.row, :len(held.block_ids)] = 0
+    self.table[held.row, :len(held.blocks)] = 0
     self._free_rows.append(held.row)
     return held
 
@@ -367,7 +368,7 @@ def allocate_slots(self: KVCacheManager, request, num_new_tokens: int, hit: Pref
     num_tokens = request.num_computed_tokens + hit.num_tokens + num_new_tokens
     if self.max_model_len is not None and num_tokens > self.max_model_len:
         raise CacheError(f'request {rid!r} would reach {num_tokens} tokens, past max_model_len={self.max_model_len}')
-    num_new_blocks = cdiv(num_tokens, self.block_size) - len(held.block_ids if held else hit.blocks)
+    num_new_blocks = cdiv(num_tokens, self.block_size) - len(held.blocks if held else hit.blocks)
     num_revived = sum(b.ref_count == 0 for b in hit.blocks) if hit.blocks else 0   # hits waiting in the free queue
     if max(num_new_blocks, 0) + num_revived > len(self.pool.free): return False
 
@@ -403,7 +404,7 @@ def free(self: KVCacheManager, request) -> None:
 @patch
 def slot_headroom(self: KVCacheManager, request_id: str) -> int:
     "The most tokens `request_id` can have computed before it needs a new block from `allocate_slots`."
-    return len(self._held(request_id).block_ids) * self.block_size
+    return len(self._held(request_id).blocks) * self.block_size
 
 # %% ../nbs/20_paging.ipynb #7bd41b38
 @patch
@@ -413,17 +414,17 @@ def grow(self: KVCacheManager, request_ids: list[str]) -> bool:
     held = self.held
     try: helds = [held[rid] for rid in request_ids]
     except KeyError: helds = [self._held(rid) for rid in request_ids]     # raises, naming the request that holds nothing
-    most = max(map(len, (h.block_ids for h in helds)), default=0)
+    sizes = [len(h.blocks) for h in helds]
+    most = max(sizes, default=0)
     if self.max_model_len is not None and most >= cdiv(self.max_model_len, self.block_size):
-        rid = next(r for r, h in zip(request_ids, helds) if len(h.block_ids) == most)
+        rid = request_ids[sizes.index(most)]
         raise CacheError(f'request {rid!r} holds {most} blocks, all that max_model_len={self.max_model_len} allows')
     if most >= self.table.shape[1]: self.table = np.pad(self.table, ((0, 0), (0, self.table.shape[1])))
     if len(helds) > len(self.pool.free): return False
     table = self.table
-    for h, block in zip(helds, self.pool.take(len(helds))):    # a few per step: scalar writes beat fancy indexing
-        table[h.row, len(h.block_ids)] = block.block_id
+    for h, n, block in zip(helds, sizes, self.pool.take(len(helds))):    # a few per step: scalar writes beat fancy indexing
+        table[h.row, n] = block.block_id
         h.blocks.append(block)
-        h.block_ids.append(block.block_id)
     return True
 
 
@@ -433,7 +434,7 @@ def grow(self: KVCacheManager, request_ids: list[str]) -> bool:
 def block_table(self: KVCacheManager, request_ids: list[str], num_columns: int | None = None) -> torch.Tensor:
     "int32 `[len(request_ids), num_columns]`: each request's block ids, padded with the null block 0."
     helds = [self._held(r) for r in request_ids]
-    longest = max((len(h.block_ids) for h in helds), default=0)
+    longest = max((len(h.blocks) for h in helds), default=0)
     width = longest if num_columns is None else num_columns
     if longest > width: raise CacheError(f'a request has {longest} blocks, more than num_columns={width}')
     rows = self.table[[h.row for h in helds], :width]
@@ -448,7 +449,7 @@ def slot_mapping(self: KVCacheManager, spans: Iterable[tuple[str, int, int]]) ->
     helds = [self._held(rid) for rid, _, _ in spans]
     starts = np.array([s for _, s, _ in spans], dtype=np.int64)
     counts = np.array([n for _, _, n in spans], dtype=np.int64)
-    room = np.array([len(h.block_ids) for h in helds], dtype=np.int64) * self.block_size
+    room = np.array([len(h.blocks) for h in helds], dtype=np.int64) * self.block_size
     if (short := np.flatnonzero(starts + counts > room)).size:
         i = short[0]
         raise CacheError(f'request {spans[i][0]!r} has slots for {room[i]} tokens, not {starts[i] + counts[i]}: allocate_slots first')
@@ -503,7 +504,6 @@ def audit(self: KVCacheManager) -> None:
     "Raise `AssertionError` if any bookkeeping invariant of the pool, the holders or the prefix cache is broken."
     holders = [0] * len(self.pool.blocks)
     for rid, held in self.held.items():
-        assert held.block_ids == [b.block_id for b in held.blocks], f'{rid}: block ids out of step'
         assert len(set(held.block_ids)) == len(held.block_ids), f'{rid} holds a block twice'
         assert 0 not in held.block_ids, f'{rid} holds the null block'
         for b in held.blocks: holders[b.block_id] += 1
@@ -525,8 +525,8 @@ def audit(self: KVCacheManager) -> None:
     assert len(set(rows)) == len(rows) and not set(rows) & set(self._free_rows), 'table rows shared'
     assert len(rows) + len(self._free_rows) == len(self.table), 'table rows lost'
     for rid, h in self.held.items():
-        assert self.table[h.row, :len(h.block_ids)].tolist() == h.block_ids, f'{rid}: table row out of step'
-        assert not self.table[h.row, len(h.block_ids):].any(), f'{rid}: table row not zero past its blocks'
+        assert self.table[h.row, :len(h.blocks)].tolist() == h.block_ids, f'{rid}: table row out of step'
+        assert not self.table[h.row, len(h.blocks):].any(), f'{rid}: table row not zero past its blocks'
     assert not self.table[self._free_rows].any(), 'a free table row is not zero'
 
 @patch

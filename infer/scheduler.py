@@ -368,7 +368,7 @@ def update(self: Scheduler, output: SchedulerOutput, sampled: list[int] | np.nda
     if aborted or batch.num_left_in_flight:      # the model computed them, but aborted or finished requests get no token
         kept = [j for j, r in enumerate(requests) if not (r.is_finished or r.request_id in aborted)]
         requests, ids, tokens, slots = [requests[j] for j in kept], [ids[j] for j in kept], [tokens[j] for j in kept], slots[kept]
-    token_array = np.asarray(tokens, dtype=np.int64)
+    token_array = np.fromiter(tokens, np.int64, len(tokens)) if isinstance(tokens, list) else np.asarray(tokens, dtype=np.int64)
     if len(token_array) and token_array.min() < 0:
         raise RequestError(f'sampled tokens must be token ids (ints >= 0), got {token_array.min()}')
     if not isinstance(tokens, list) or kept is not None: tokens = token_array.tolist()
@@ -525,7 +525,7 @@ def simulate(requests: list[Request], config: SchedulerConfig, num_blocks: int, 
         num_preempted += len(out.preempted_request_ids)
         if record:
             steps.append(StepRecord(now, [(s.request.request_id, s.start, s.num_tokens, s.samples) for s in out.scheduled],
-                                    {rid: len(h.block_ids) for rid, h in kv.held.items()}, sched.num_waiting,
+                                    {rid: len(h.blocks) for rid, h in kv.held.items()}, sched.num_waiting,
                                     out.preempted_request_ids))
         for r in sched.update(out, [1] * int(out.samples.sum())):
             if r.request_id in last: itl.append(now - last[r.request_id])
