@@ -239,9 +239,11 @@ class RotaryEmbedding(nn.Module):
 
 # %% ../nbs/25_models.ipynb #2b4757ad
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    "`F.linear(x, weight, bias)`, as `(weight @ xᵀ)ᵀ` on the CPU for 2 to 64 rows, where MKL runs that product faster."
-    if x.device.type == 'cpu' and x.dim() == 2 and 2 <= x.shape[0] <= 64:
-        out = torch.mm(weight, x.t()).t().contiguous()
+    "`F.linear(x, weight, bias)`, as `(weight @ xᵀ)ᵀ` on the CPU for 1 to 64 rows (one row doubled), where MKL runs that faster."
+    if x.device.type == 'cpu' and x.dim() == 2 and 1 <= x.shape[0] <= 64:
+        one = x.shape[0] == 1
+        out = torch.mm(weight, (torch.cat([x, x]) if one else x).t())
+        out = (out[:, :1] if one else out).t().contiguous()
         return out if bias is None else out.add_(bias)
     return F.linear(x, weight, bias)
 
