@@ -9,7 +9,9 @@ temporary folder in safetensors; both sides load that folder, so they run the sa
 token ids and generates exactly its `max_tokens` (greedy, ignore_eos / min_new_tokens), so both sides produce the
 same number of tokens.
 
-Workloads, each timed `--repeats` times (median; infer's first run of a shape is a warm-up, as is transformers'):
+Workloads, each timed `--repeats` times (median; infer's first run of a shape is a warm-up, as is transformers').
+Every run draws fresh random prompts (the same for both sides), so infer's prefix cache never finds a run's prompts
+from an earlier run: both sides compute every prefill.
   * fixed: for each batch size B in `--batches`, B prompts of `--input-len` tokens generating `--output-len` tokens,
     submitted together (transformers gets them as one batch of B);
   * varied (`--varied`): `--varied-prompts` prompts of lengths uniform in `--varied-input`, each generating a number
@@ -117,18 +119,19 @@ def main():
         "Switch the engine between async scheduling (its CUDA default) and steps run in order (nothing is in flight here)."
         llm.engine.async_scheduling = llm.engine.scheduler.config.async_scheduling = not on
 
-    def measure(name, prompts, max_tokens, hf_batch):
-        infer_runs = [time_llm(llm, prompts, max_tokens) for _ in range(args.repeats + 1)][1:]
-        r = dict(prompts=len(prompts), output_tokens=sum(max_tokens),
+    def measure(name, prompts_of_run, max_tokens, hf_batch):
+        "Each run (the first a warm-up) gets fresh prompts, `prompts_of_run(i)`, the same for both sides: no prefix-cache hits."
+        infer_runs = [time_llm(llm, prompts_of_run(i), max_tokens) for i in range(args.repeats + 1)][1:]
+        r = dict(prompts=len(max_tokens), output_tokens=sum(max_tokens),
                  infer_tokens_per_s=statistics.median(x['tokens_per_s'] for x in infer_runs),
                  infer_runs=[x['tokens_per_s'] for x in infer_runs])
         if args.in_order_too and llm.engine.async_scheduling:
             in_order(True)
-            runs = [time_llm(llm, prompts, max_tokens) for _ in range(args.repeats)]
+            runs = [time_llm(llm, prompts_of_run(args.repeats + 1 + i), max_tokens) for i in range(args.repeats)]
             in_order(False)
             r['infer_in_order_tokens_per_s'] = statistics.median(x['tokens_per_s'] for x in runs)
         if hf is not None:
-            hf_runs = [time_hf_generate(hf, prompts, max_tokens, hf_batch) for _ in range(args.repeats + 1)][1:]
+            hf_runs = [time_hf_generate(hf, prompts_of_run(i), max_tokens, hf_batch) for i in range(args.repeats + 1)][1:]
             r['hf_tokens_per_s'] = statistics.median(x['tokens_per_s'] for x in hf_runs)
             r['hf_runs'] = [x['tokens_per_s'] for x in hf_runs]
             r['speedup'] = r['infer_tokens_per_s'] / r['hf_tokens_per_s']
@@ -139,18 +142,17 @@ def main():
 
     print(f"\n{'workload (output tokens/s)':34} {'infer':>12} {'transformers':>12} {'ratio':>9}")
     for b in batches:
-        prompts = random_prompts(b, args.input_len, vocab, seed=b)
-        measure(f'batch {b}: {args.input_len} in, {output_len} out', prompts, [output_len] * b, b)
+        measure(f'batch {b}: {args.input_len} in, {output_len} out',
+                lambda i: random_prompts(b, args.input_len, vocab, seed=1000 * i + b), [output_len] * b, b)
     if args.varied:
         lo_hi_in = tuple(map(int, args.varied_input.split(',')))
         lo_hi_out = tuple(map(int, args.varied_output.split(',')))
-        prompts = random_prompts(args.varied_prompts, lo_hi_in, vocab, seed=7)
         measure(f'varied: {args.varied_prompts} prompts {lo_hi_in} in, {lo_hi_out} out, HF batch {args.varied_batch}',
-                prompts, output_lengths(args.varied_prompts, lo_hi_out, seed=8), args.varied_batch)
+                lambda i: random_prompts(args.varied_prompts, lo_hi_in, vocab, seed=1000 * i + 7),
+                output_lengths(args.varied_prompts, lo_hi_out, seed=8), args.varied_batch)
     if args.nano:
-        prompts = random_prompts(256, (100, 1024), vocab, seed=11)
         outs = output_lengths(256, (100, 1024), seed=12)
-        runs = [time_llm(llm, prompts, outs) for _ in range(args.repeats + 1)][1:]
+        runs = [time_llm(llm, random_prompts(256, (100, 1024), vocab, seed=1000 * i + 11), outs) for i in range(args.repeats + 1)][1:]
         r = result['workloads']['nano-vllm'] = dict(infer_tokens_per_s=statistics.median(x['tokens_per_s'] for x in runs),
                                                    seconds=statistics.median(x['seconds'] for x in runs), output_tokens=sum(outs))
         print(f"{'nano-vllm: 256 x 100..1024 in/out':34} {r['infer_tokens_per_s']:12,.0f} {'-':>12}", flush=True)

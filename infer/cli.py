@@ -157,7 +157,7 @@ def run_bench(args) -> int:
     llm = LLM(folder, **{**_engine_options(args), 'dtype': dtype, 'device': device})
     vocab = llm.engine.vocab_size
     prompts, wanted = random_prompts(args.num_prompts, args.input_len, vocab), [args.output_len] * args.num_prompts
-    time_llm(llm, prompts[:2], [4, 4])                                  # warm up
+    time_llm(llm, random_prompts(2, args.input_len, vocab, seed=1), [4, 4])   # warm up, on prompts of its own
     r = time_llm(llm, prompts, wanted)
     print(f"infer: {args.num_prompts} prompts x {args.input_len} tokens in, {args.output_len} out: {r['seconds']:.2f} s, "
           f"{r['tokens_per_s']:,.1f} output tokens/s")

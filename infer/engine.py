@@ -419,9 +419,11 @@ class _Launched:
     ready: torch.cuda.Event | None = None
 
 @patch
+@torch.inference_mode()
 def step(self: Engine) -> list[RequestOutput]:
     """One step of every running request; the outputs of prompts that finished (and of streaming ones that advanced).
-    With async scheduling they come from the step launched by the previous call, whose tokens are applied now."""
+    With async scheduling they come from the step launched by the previous call, whose tokens are applied now.
+    All of it runs in inference mode, the sampled tokens and their host copies too, whatever the caller's grad mode."""
     in_flight, self._launched = self._launched, None
     if not self.async_scheduling or self._num_penalized:          # in order: the previous step's tokens first
         outputs = self._complete(in_flight) if in_flight is not None else []
