@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from infer import models
 from infer.models import load_model, step_context, tiny_model
 from infer.ops import (OpError, _cast, apply_rotary_, apply_rotary_reference_, apply_rotary_triton_, count_kernels,
                        rms_norm, rms_norm_reference, rms_norm_triton, rotate, silu_and_mul, silu_and_mul_reference,
@@ -264,14 +265,15 @@ def test_device_mismatch():
 # ------------------------------------------------------------------------------------------------- kernels per step
 
 @pytest.mark.parametrize('arch, per_layer', [('Qwen2ForCausalLM', 10), ('Qwen3ForCausalLM', 12)])
-def test_decode_step_kernel_count(arch, per_layer, tmp_path):
+def test_decode_step_kernel_count(arch, per_layer, tmp_path, monkeypatch):
     """A decode step of a dense model launches, per layer: two norms (each with the residual add), four GEMMs, the
     rotation, the cache store, attention and SiLU-and-mul, plus Qwen3's two QK-norms; around them the embedding and
-    the final norm. Every launch counted: torch operations that compute, and Triton kernels."""
+    the final norm. Every launch counted: torch operations that compute, and Triton kernels. The projections are
+    counted as a GPU runs them, one `F.linear` each: on the CPU, `linear` wraps MKL's product in a copy or two."""
+    monkeypatch.setattr(models, 'linear', torch.nn.functional.linear)
     model = load_model(tiny_model(arch, tmp_path, tokenizer=False, num_hidden_layers=3), device=DEVICE)
     cache = KVCache(model.kv_cache_spec(4), 8, DEVICE)
     caches = [(cache.key(i), cache.value(i)) for i in range(3)]
-    # one decode row: on the CPU, 2 to 64 rows take `linear`'s other product, whose transposed result is copied
     ctx = step_context([1], [6], torch.tensor([[1, 2]], dtype=torch.int32), torch.tensor([9]), caches, backend='triton')
     ids, positions = torch.tensor([5], device=DEVICE), torch.tensor([5], device=DEVICE)
     with torch.no_grad(), count_kernels() as counter:
