@@ -27,8 +27,8 @@ from .scheduler import RunningBatch, Scheduler, SchedulerConfig, SchedulerOutput
 
 # %% auto #0
 __all__ = ['BENCH_MODELS', 'StepInputs', 'token_ids_of_step', 'prepare_step', 'graph_batch_sizes', 'ModelRunner',
-           'CompletionOutput', 'RequestOutput', 'EngineError', 'default_token_budget', 'Engine', 'LLM',
-           'random_prompts', 'output_lengths', 'time_llm', 'time_hf_generate', 'save_random_model']
+           'CompletionOutput', 'RequestOutput', 'EngineError', 'Engine', 'LLM', 'random_prompts', 'output_lengths',
+           'time_llm', 'time_hf_generate', 'save_random_model']
 
 # %% ../nbs/28_engine.ipynb #99479bb9
 @dataclass
@@ -240,13 +240,6 @@ def _dtype_of(dtype) -> torch.dtype | None:
     if dtype not in named: raise EngineError(f'dtype must be a torch dtype or one of {sorted(named)}, got {dtype!r}')
     return named[dtype]
 
-def default_token_budget(device: torch.device) -> int:
-    """Tokens a step may compute when `max_num_batched_tokens` is not given: 2,048 on a CPU, 8,192 on a GPU, and
-    16,384 on one of 70 GiB or more, where a prefill step of 8,192 tokens is over before the host has launched the
-    next (vLLM's offline default on such GPUs is the same)."""
-    if device.type != 'cuda': return 2048
-    return 16384 if torch.cuda.get_device_properties(device).total_memory >= 70 * 2**30 else 8192
-
 class Engine:
     "The serving loop: `add_request`, `abort_request`, `step`."
     def __init__(self, model: str | Path, *, dtype=None, device: str | None = None, max_num_seqs: int = 256,
@@ -262,7 +255,7 @@ class Engine:
         self.vocab_size = self.model.config.vocab_size
         self.eos_token_id = _eos_token_id(model, self.model.config, self.tokenizer)
         max_model_len = min(max_model_len or self.model.max_model_len, self.model.max_model_len)
-        budget = max_num_batched_tokens or max(default_token_budget(device), 0 if enable_chunked_prefill else max_model_len)
+        budget = max_num_batched_tokens or max(2048 if device.type == 'cpu' else 8192, 0 if enable_chunked_prefill else max_model_len)
         spec = self.model.kv_cache_spec(block_size)
         if num_blocks is None: num_blocks = self._num_blocks(spec, device, budget, max_num_seqs, max_model_len, gpu_memory_utilization,
                                                          kv_cache_memory)
