@@ -21,7 +21,7 @@ from fastcore.basics import patch
 from .attention import attention_backend
 from .models import CausalLM, StepContext, load_model, step_context
 from .paging import KVCache, KVCacheManager, cdiv
-from .requests import MIN_SAMPLING_TEMPERATURE, Request, RequestError, SamplingParams
+from .requests import MIN_SAMPLING_TEMPERATURE, Request, RequestError, SamplingParams, all_ints
 from .sampling import IncrementalDetokenizer, Sampler, SamplingBatch, has_penalty
 from .scheduler import RunningBatch, Scheduler, SchedulerConfig, SchedulerOutput
 
@@ -350,8 +350,7 @@ def _tokenize(self: Engine, prompt) -> tuple[str | None, list[int]]:
         return prompt, self.tokenizer(prompt).input_ids
     if isinstance(prompt, (list, tuple, np.ndarray, torch.Tensor)):
         ids = prompt.tolist() if isinstance(prompt, (np.ndarray, torch.Tensor)) else list(prompt)
-        if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-            raise EngineError('a token-id prompt must be a list of ints')
+        if not all_ints(ids): raise EngineError('a token-id prompt must be a list of ints')
         return None, ids
     raise EngineError(f'a prompt is a string or a list of token ids, got {type(prompt).__name__}')
 

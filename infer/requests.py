@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 # %% auto #0
-__all__ = ['MIN_SAMPLING_TEMPERATURE', 'FINISHED', 'ALLOWED_TRANSITIONS', 'RequestError', 'SamplingParams', 'RequestStatus',
-           'Request', 'check_stop']
+__all__ = ['MIN_SAMPLING_TEMPERATURE', 'FINISHED', 'ALLOWED_TRANSITIONS', 'RequestError', 'all_ints', 'SamplingParams',
+           'RequestStatus', 'Request', 'check_stop']
 
 # %% ../nbs/22_requests.ipynb #836fae9c
 class RequestError(ValueError):
@@ -25,6 +25,12 @@ def _check(ok: bool, message: str):
     if not ok: raise RequestError(message)
 
 def _is_int(x) -> bool: return isinstance(x, int) and not isinstance(x, bool)
+
+def all_ints(values) -> bool:
+    "Whether every one of `values` is a plain `int` (not a bool, not a numpy integer): one pass in C, for long prompts."
+    return set(map(type, values)) <= {int}
+
+def _token_ids(values) -> bool: return all_ints(values) and (not values or min(values) >= 0)
 
 def _is_real(x) -> bool: return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
@@ -76,7 +82,7 @@ class SamplingParams:
             _check(_is_real(value) and -2 <= value <= 2, f'{name} must be in [-2, 2] (0 is off), got {value!r}')
         _check(self.seed is None or _is_int(self.seed), f'seed must be an int or None, got {self.seed!r}')
         _check(all(isinstance(s, str) and s for s in self.stop), f'stop must be non-empty strings, got {self.stop!r}')
-        _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
+        _check(_token_ids(self.stop_token_ids),
                f'stop_token_ids must be token ids (ints >= 0), got {self.stop_token_ids!r}')
         _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= 20),
                f'logprobs must be None or an int in [0, 20], got {self.logprobs!r}')
@@ -137,7 +143,7 @@ class Request:
                f'sampling_params must be a SamplingParams, got {type(self.sampling_params).__name__}')
         self.prompt_token_ids = list(self.prompt_token_ids)
         _check(len(self.prompt_token_ids) > 0, f'request {self.request_id!r} has an empty prompt: give at least one token')
-        _check(all(_is_int(t) and t >= 0 for t in self.prompt_token_ids),
+        _check(_token_ids(self.prompt_token_ids),
                f'request {self.request_id!r}: prompt tokens must be token ids (ints >= 0)')
         self._all, self._output, self._computed = list(self.prompt_token_ids), [], 0
         self._batch, self._slot = None, -1      # the running batch that holds this request's counters, and its slot there
