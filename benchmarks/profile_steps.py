@@ -34,11 +34,11 @@ from infer.engine import BENCH_MODELS, LLM, random_prompts, save_random_model, t
 from infer.requests import SamplingParams
 
 
-def step_kind(out) -> str:
-    "prefill, mixed or decode: whether a scheduled step computes prompt tokens, decoding rows, or both."
-    if not out.requests: return 'empty'
-    decoding = int(((out.num_tokens == 1) & out.samples).sum())
-    return 'decode' if out.num_batched_tokens == decoding else 'prefill' if not decoding else 'mixed'
+def step_shape(out) -> tuple[str, int, int]:
+    "A scheduled step's kind (prefill, mixed, decode or empty), its prompt tokens and its decoding rows."
+    decoding = int(((out.num_tokens == 1) & out.samples).sum()) if out.requests else 0
+    prompt = out.num_batched_tokens - decoding
+    return ('empty' if not out.requests else 'decode' if not prompt else 'prefill' if not decoding else 'mixed'), prompt, decoding
 
 
 def split_in_order(llm, prompts, output_len):
@@ -47,8 +47,7 @@ def split_in_order(llm, prompts, output_len):
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     def recording_schedule():
         out = schedule()
-        decoding = int(((out.num_tokens == 1) & out.samples).sum()) if out.requests else 0
-        shapes.append((step_kind(out), out.num_batched_tokens - decoding, decoding))
+        shapes.append(step_shape(out))
         return out
     engine.scheduler.schedule = recording_schedule
     was_async = engine.async_scheduling
@@ -82,7 +81,7 @@ def timeline(llm, prompts, wanted):
         launched = launch(out, in_flight)
         end = torch.cuda.Event(enable_timing=True)
         end.record()
-        records.append((step_kind(out), start, end, time.perf_counter() - host))
+        records.append((step_shape(out)[0], start, end, time.perf_counter() - host))
         return launched
     engine._launch = timed_launch
     counters = ('num_alloc_retries', 'num_device_alloc', 'num_device_free', 'num_sync_all_streams')
@@ -124,7 +123,7 @@ def host_pieces(llm, prompts, wanted):
     schedule = engine.scheduler.schedule
     def marking_schedule():
         out = schedule()
-        prefill[0] = step_kind(out) in ('prefill', 'mixed')
+        prefill[0] = step_shape(out)[0] in ('prefill', 'mixed')
         return out
     engine.scheduler.schedule = marking_schedule
     wrapped.append((engine.scheduler, 'schedule', schedule))

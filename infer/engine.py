@@ -475,16 +475,17 @@ def _complete(self: Engine, launched: _Launched) -> list[RequestOutput]:
     result = self.scheduler.update(launched.out, tokens.numpy())
     self.num_steps += 1
     rows = range(len(launched.requests)) if result.rows is None else result.rows
+    requests = launched.requests if result.rows is None else [launched.requests[j] for j in rows]
     if chosen is not None:
         chosen, top_ids, top = chosen.tolist(), top_ids.tolist() if top_ids is not None else None, \
             top.tolist() if top is not None else None
-        for j, rid, t in zip(rows, result.request_ids, result.new_token_ids):
-            if (k := launched.requests[j].sampling_params.logprobs) is None: continue
-            tracked, i = self._parent[rid]
+        for j, r, t in zip(rows, requests, result.new_token_ids):
+            if (k := r.sampling_params.logprobs) is None: continue
+            tracked, i = self._parent[r.request_id]
             entry = {t: chosen[j]}
             if top_ids is not None: entry.update(zip(top_ids[j][:k], top[j][:k]))
             tracked.output.outputs[i].logprobs.append(entry)
-    return self._outputs(launched.requests if result.rows is None else [launched.requests[j] for j in rows], result.finished)
+    return self._outputs(requests, result.finished)
 
 @patch
 def _outputs(self: Engine, requests: list[Request], finished: dict) -> list[RequestOutput]:
