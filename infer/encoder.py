@@ -26,15 +26,16 @@ from .pooling import Pooling
 __all__ = ['ACTIVATIONS', 'SIMILARITY_FUNCTIONS', 'MODULE_TYPES', 'LEGACY_TYPE_NAMES', 'Tokenized', 'Transformer', 'Dense',
            'Normalize', 'token_budget_batches', 'pad_batch', 'cos_sim', 'dot_score', 'euclidean_sim', 'manhattan_sim',
            'pairwise_cos_sim', 'pairwise_dot_score', 'pairwise_euclidean_sim', 'pairwise_manhattan_sim',
-           'similarity_functions', 'semantic_search', 'resolve_model_folder', 'load_modules', 'SentenceEncoder',
-           'minilm_path']
+           'similarity_functions', 'semantic_search', 'resolve_model_folder', 'load_module', 'load_modules',
+           'SentenceEncoder', 'minilm_path']
 
 # %% ../nbs/11_encoder.ipynb #e287cac1
 @dataclass
 class Tokenized:
-    "Token ids of each text, unpadded, and whether each was truncated to fit `max_seq_length`."
+    "Token ids of each text (or pair), unpadded; whether each was truncated to fit `max_seq_length`; the segment ids of pairs."
     ids: list[list[int]]
     truncated: list[bool]
+    type_ids: list[list[int]] | None = None
 
     @property
     def lengths(self) -> np.ndarray: return np.fromiter(map(len, self.ids), dtype=np.int64, count=len(self.ids))
@@ -45,6 +46,7 @@ class Tokenized:
 class Transformer(nn.Module):
     "A Hugging Face encoder and its tokenizer: texts to ids, ids to `token_embeddings`."
     config_file = 'sentence_bert_config.json'
+    task, auto_class = 'feature-extraction', 'AutoModel'
 
     def __init__(self, model, tokenizer, max_seq_length: int | None = None, do_lower_case: bool = False):
         super().__init__()
@@ -55,23 +57,28 @@ class Transformer(nn.Module):
 
     @classmethod
     def load(cls, folder: Path, dtype: torch.dtype | None = None) -> 'Transformer':
-        from transformers import AutoModel, AutoTokenizer
+        import transformers
         folder = Path(folder)
         cfg_path = folder / cls.config_file
         cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        if cfg.get('transformer_task', cls.task) != cls.task:
+            raise ValueError(f"{folder} holds a {cfg['transformer_task']!r} model and {cls.__name__} reads "
+                             f"{cls.task!r} ones; load it with {_LOADER_OF_TASK.get(cfg['transformer_task'], 'sentence-transformers')}")
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
         if not tokenizer.is_fast:
             raise ValueError(f'{folder}: infer needs a fast (Rust) tokenizer, and this folder has only a slow one; '
                              'save it with `tokenizer.save_pretrained` from a `PreTrainedTokenizerFast`.')
-        model = AutoModel.from_pretrained(folder, dtype=dtype or torch.float32, attn_implementation='sdpa')
+        auto_class = getattr(transformers, cls.auto_class)
+        model = auto_class.from_pretrained(folder, dtype=dtype or torch.float32, attn_implementation='sdpa')
         return cls(model.eval(), tokenizer, cfg.get('max_seq_length'), cfg.get('do_lower_case', False))
 
     def save(self, folder: Path):
         folder = Path(folder)
         self.auto_model.save_pretrained(folder)
         self.tokenizer.save_pretrained(folder)
+        task = {} if self.task == 'feature-extraction' else {'transformer_task': self.task}
         (folder / self.config_file).write_text(json.dumps(
-            {'max_seq_length': self.max_seq_length, 'do_lower_case': self.do_lower_case}, indent=2))
+            {'max_seq_length': self.max_seq_length, 'do_lower_case': self.do_lower_case, **task}, indent=2))
 
     @property
     def embedding_dimension(self) -> int: return self.auto_model.config.hidden_size
@@ -86,17 +93,29 @@ class Transformer(nn.Module):
             self._backend = (self.max_seq_length, b)
         return self._backend[1]
 
-    def tokenize(self, texts: list[str]) -> Tokenized:
-        if self.do_lower_case: texts = [t.lower() for t in texts]
+    def tokenize(self, texts: list[str] | list[tuple[str, str]]) -> Tokenized:
+        "Ids of each text, or of each (first, second) pair joined as the tokenizer joins pairs."
+        pairs = bool(texts) and not isinstance(texts[0], str)
+        if self.do_lower_case:
+            texts = [(a.lower(), b.lower()) for a, b in texts] if pairs else [t.lower() for t in texts]
         encodings = self.backend().encode_batch_fast(texts, add_special_tokens=True)
-        return Tokenized([e.ids for e in encodings], [bool(e.overflowing) for e in encodings])
+        type_ids = [e.type_ids for e in encodings] if pairs and 'token_type_ids' in self.tokenizer.model_input_names else None
+        return Tokenized([e.ids for e in encodings], [bool(e.overflowing) for e in encodings], type_ids)
+
+    def model_inputs(self, features: dict) -> dict:
+        "The keyword arguments of the Hugging Face model: ids, mask, and the segment ids of pairs."
+        inputs = {'input_ids': features['input_ids'], 'attention_mask': features['attention_mask']}
+        if features.get('token_type_ids') is not None: inputs['token_type_ids'] = features['token_type_ids']
+        return inputs
 
     def forward(self, features: dict) -> dict:
-        out = self.auto_model(input_ids=features['input_ids'], attention_mask=features['attention_mask'])
-        features['token_embeddings'] = out.last_hidden_state
+        features['token_embeddings'] = self.auto_model(**self.model_inputs(features)).last_hidden_state
         return features
 
 # %% ../nbs/11_encoder.ipynb #a1fe315a
+_LOADER_OF_TASK = {'feature-extraction': 'infer.encoder.SentenceEncoder', 'fill-mask': 'infer.sparse.SparseEncoder',
+                   'sequence-classification': 'infer.cross_encoder.CrossEncoder'}
+
 ACTIVATIONS = {name: getattr(nn, name) for name in ('Identity', 'Tanh', 'ReLU', 'GELU', 'Sigmoid', 'SiLU', 'LeakyReLU', 'ELU', 'Softplus')}
 
 def _activation(path: str) -> nn.Module:
@@ -128,13 +147,13 @@ class Dense(nn.Module):
     def out_features(self) -> int: return self.linear.out_features
 
     @classmethod
-    def load(cls, folder: Path) -> 'Dense':
+    def load(cls, folder: Path, dtype: torch.dtype | None = None) -> 'Dense':
         folder = Path(folder)
         cfg = json.loads((folder / 'config.json').read_text())
         dense = cls(cfg['in_features'], cfg['out_features'], cfg.get('bias', True),
                     cfg.get('activation_function', 'torch.nn.modules.activation.Tanh'))
         dense.load_state_dict(_load_weights(folder))
-        return dense
+        return dense.to(dtype) if dtype else dense
 
     def save(self, folder: Path):
         from safetensors.torch import save_file
@@ -151,7 +170,7 @@ class Normalize(nn.Module):
         features['sentence_embedding'] = F.normalize(features['sentence_embedding'], p=2, dim=-1)
         return features
     @classmethod
-    def load(cls, folder: Path) -> 'Normalize': return cls()
+    def load(cls, folder: Path, dtype: torch.dtype | None = None) -> 'Normalize': return cls()
     def save(self, folder: Path): Path(folder).mkdir(parents=True, exist_ok=True)
 
 # %% ../nbs/11_encoder.ipynb #a5a71676
@@ -245,21 +264,26 @@ def _read_json(path: Path, what: str) -> dict | list:
     try: return json.loads(path.read_text())
     except json.JSONDecodeError as e: raise ValueError(f'{path}: {what} is not valid JSON ({e})') from None
 
-def load_modules(folder: Path, dtype: torch.dtype | None = None) -> list[nn.Module]:
-    "The modules of a sentence-transformers folder, or Transformer + mean Pooling for a plain HF folder."
+def load_module(type_name: str, folder: Path, dtype: torch.dtype | None, module_types: dict, listed_in: Path) -> nn.Module:
+    "Build the module that `type_name` (a sentence-transformers class path) names from `folder`."
+    kind = type_name.rsplit('.', 1)[-1]
+    if kind not in module_types:
+        raise ValueError(f"{listed_in}: module type {type_name!r} is not supported here; "
+                         f"infer reads {', '.join(module_types)}")
+    return module_types[kind].load(folder, dtype)
+
+def _dense_plain_folder(folder: Path, dtype: torch.dtype | None) -> list[nn.Module]:
+    transformer = Transformer.load(folder, dtype)
+    return [transformer, Pooling(transformer.embedding_dimension, 'mean')]
+
+def load_modules(folder: Path, dtype: torch.dtype | None = None, module_types: dict = MODULE_TYPES,
+                 plain_folder=_dense_plain_folder) -> list[nn.Module]:
+    "The modules `modules.json` lists, built from `module_types`; `plain_folder(folder, dtype)` for a plain HF folder."
     if (folder / 'modules.json').exists():
-        modules = []
-        for entry in sorted(_read_json(folder / 'modules.json', 'modules.json'), key=lambda e: e.get('idx', 0)):
-            kind = entry['type'].rsplit('.', 1)[-1]
-            if kind not in MODULE_TYPES:
-                raise ValueError(f"{folder}/modules.json: module type {entry['type']!r} is not supported; "
-                                 f"infer reads {', '.join(MODULE_TYPES)}")
-            sub = folder / entry.get('path', '')
-            modules.append(Transformer.load(sub, dtype) if kind == 'Transformer' else MODULE_TYPES[kind].load(sub))
-        return modules
-    if (folder / 'config.json').exists():
-        transformer = Transformer.load(folder, dtype)
-        return [transformer, Pooling(transformer.embedding_dimension, 'mean')]
+        entries = sorted(_read_json(folder / 'modules.json', 'modules.json'), key=lambda e: e.get('idx', 0))
+        return [load_module(e['type'], folder / e.get('path', ''), dtype, module_types, folder / 'modules.json')
+                for e in entries]
+    if (folder / 'config.json').exists(): return plain_folder(folder, dtype)
     raise ValueError(f'{folder} is not a model folder: it has neither modules.json (sentence-transformers) '
                      'nor config.json (Hugging Face)')
 

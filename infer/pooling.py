@@ -105,7 +105,7 @@ class Pooling(nn.Module):
                 'include_prompt': self.include_prompt}
 
     @classmethod
-    def load(cls, folder: Path) -> 'Pooling':
+    def load(cls, folder: Path, dtype: torch.dtype | None = None) -> 'Pooling':
         return cls.from_config(json.loads((Path(folder) / 'config.json').read_text()))
 
     def save(self, folder: Path):
