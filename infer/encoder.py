@@ -24,10 +24,10 @@ from .pooling import Pooling
 
 # %% auto #0
 __all__ = ['ACTIVATIONS', 'SIMILARITY_FUNCTIONS', 'MODULE_TYPES', 'LEGACY_TYPE_NAMES', 'Tokenized', 'Transformer', 'Dense',
-           'Normalize', 'token_budget_batches', 'pad_batch', 'cos_sim', 'dot_score', 'euclidean_sim', 'manhattan_sim',
-           'pairwise_cos_sim', 'pairwise_dot_score', 'pairwise_euclidean_sim', 'pairwise_manhattan_sim',
-           'similarity_functions', 'semantic_search', 'resolve_model_folder', 'load_module', 'load_modules',
-           'SentenceEncoder', 'minilm_path']
+           'Normalize', 'token_budget_batches', 'pad_batch', 'padded_batches', 'prepared_ahead', 'cos_sim', 'dot_score',
+           'euclidean_sim', 'manhattan_sim', 'pairwise_cos_sim', 'pairwise_dot_score', 'pairwise_euclidean_sim',
+           'pairwise_manhattan_sim', 'similarity_functions', 'semantic_search', 'resolve_model_folder', 'load_module',
+           'load_modules', 'SentenceEncoder', 'minilm_path']
 
 # %% ../nbs/11_encoder.ipynb #e287cac1
 @dataclass
@@ -195,6 +195,32 @@ def pad_batch(ids: list[list[int]], pad_id: int, side: str = 'right') -> tuple[n
         if side == 'right': input_ids[row, :len(seq)], mask[row, :len(seq)] = seq, 1
         else: input_ids[row, width - len(seq):], mask[row, width - len(seq):] = seq, 1
     return input_ids, mask
+
+def padded_batches(tokenized: Tokenized, offset: int, pad_id: int, side: str, max_batch_tokens: int,
+                   batch_size: int | None = None, pin: bool = False) -> list[tuple[Tensor, dict[str, Tensor]]]:
+    """Cut `tokenized` into padded batches within the budget: each is (output rows, features), where the rows
+    are positions in the caller's list (`offset` added) and the features hold `input_ids`, `attention_mask`
+    and, for pairs, `token_type_ids`; pinned for a fast copy to a GPU when `pin`."""
+    batches = []
+    for batch in token_budget_batches(tokenized.lengths, max_batch_tokens, batch_size):
+        ids, mask = pad_batch([tokenized.ids[i] for i in batch], pad_id, side)
+        arrays = {'input_ids': ids, 'attention_mask': mask}
+        if tokenized.type_ids is not None:  # the real positions, row by row, are the pairs' tokens in order
+            arrays['token_type_ids'] = np.zeros_like(ids)
+            arrays['token_type_ids'][mask == 1] = np.concatenate([tokenized.type_ids[i] for i in batch])
+        features = {k: torch.from_numpy(v) for k, v in arrays.items()}
+        if pin: features = {k: v.pin_memory() for k, v in features.items()}
+        batches.append((torch.from_numpy(batch + offset), features))
+    return batches
+
+def prepared_ahead(num_items: int, chunk: int, prepare):
+    "Yield `prepare(start)` for each chunk of `num_items`, preparing the next chunk on a thread while the caller works."
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(prepare, 0) if num_items else None
+        for start in range(0, num_items, chunk):
+            result = pending.result()
+            pending = pool.submit(prepare, start + chunk) if start + chunk < num_items else None
+            yield result
 
 # %% ../nbs/11_encoder.ipynb #1656e5f5
 def _as_tensor(x) -> Tensor:
@@ -411,25 +437,19 @@ def encode(self: SentenceEncoder, sentences, prompt_name: str | None = None, pro
     out = None if output_value == 'token_embeddings' else torch.empty((len(texts), dim), device=device, dtype=next(self.parameters()).dtype)
     tokens_out = [None] * len(texts)
     chunk = max(_MIN_CHUNK, (batch_size or 0) * 4)
-    starts = list(range(0, len(texts), chunk))
     truncated = 0
     progress = _progress(len(texts), show_progress_bar)
     prepare = lambda start: self._prepare_chunk(texts[start:start + chunk], start, prompt, budget, batch_size, device)
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(prepare, 0) if texts else None
-        for start in starts:
-            num_truncated, batches = pending.result()
-            pending = pool.submit(prepare, start + chunk) if start + chunk < len(texts) else None
-            truncated += num_truncated
-            for rows, ids, mask in batches:
-                feats = {'input_ids': ids.to(device, non_blocking=True),
-                         'attention_mask': mask.to(device, non_blocking=True), **features_extra}
-                feats = self(feats, truncate_dim=truncate_dim)
-                if out is not None: out[rows.to(device, non_blocking=True)] = feats['sentence_embedding'].to(out.dtype)
-                else:
-                    for j, i in enumerate(rows.tolist()):
-                        tokens_out[i] = feats['token_embeddings'][j][mask[j].bool()].clone()
-                progress.update(len(rows))
+    for num_truncated, batches in prepared_ahead(len(texts), chunk, prepare):
+        truncated += num_truncated
+        for rows, inputs in batches:
+            feats = {**{k: v.to(device, non_blocking=True) for k, v in inputs.items()}, **features_extra}
+            feats = self(feats, truncate_dim=truncate_dim)
+            if out is not None: out[rows.to(device, non_blocking=True)] = feats['sentence_embedding'].to(out.dtype)
+            else:
+                for j, i in enumerate(rows.tolist()):
+                    tokens_out[i] = feats['token_embeddings'][j][inputs['attention_mask'][j].bool()].clone()
+            progress.update(len(rows))
     progress.close()
     if truncated:
         warnings.warn(f'{truncated} of {len(texts)} texts were longer than max_seq_length={self.max_seq_length} tokens '
@@ -444,16 +464,11 @@ def encode(self: SentenceEncoder, sentences, prompt_name: str | None = None, pro
 
 @patch
 def _prepare_chunk(self: SentenceEncoder, texts: list[str], offset: int, prompt: str | None, budget: int,
-                   batch_size: int | None, device: torch.device) -> tuple[int, list[tuple[Tensor, Tensor, Tensor]]]:
-    "Tokenize a chunk and cut it into padded batches of (output rows, ids, mask), pinned for a GPU."
+                   batch_size: int | None, device: torch.device) -> tuple[int, list[tuple[Tensor, dict]]]:
+    "Tokenize a chunk and cut it into padded batches of (output rows, features), pinned for a GPU."
     tokenized = self.tokenize(texts, prompt)
-    pad_id, side = self.tokenizer.pad_token_id or 0, self.tokenizer.padding_side
-    batches = []
-    for batch in token_budget_batches(tokenized.lengths, budget, batch_size):
-        arrays = (batch + offset, *pad_batch([tokenized.ids[i] for i in batch], pad_id, side))
-        tensors = tuple(torch.from_numpy(a) for a in arrays)
-        batches.append(tuple(t.pin_memory() for t in tensors) if device.type == 'cuda' else tensors)
-    return tokenized.num_truncated, batches
+    return tokenized.num_truncated, padded_batches(tokenized, offset, self.tokenizer.pad_token_id or 0, self.tokenizer.padding_side,
+                                                   budget, batch_size, pin=device.type == 'cuda')
 
 def _progress(total: int, show: bool | None):
     from tqdm.auto import tqdm
