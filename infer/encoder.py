@@ -23,11 +23,11 @@ from . import __version__
 from .pooling import Pooling
 
 # %% auto #0
-__all__ = ['ACTIVATIONS', 'SIMILARITY_FUNCTIONS', 'MODULE_TYPES', 'LEGACY_TYPE_NAMES', 'Tokenized', 'Transformer', 'Dense',
-           'Normalize', 'token_budget_batches', 'pad_batch', 'padded_batches', 'prepared_ahead', 'cos_sim', 'dot_score',
-           'euclidean_sim', 'manhattan_sim', 'pairwise_cos_sim', 'pairwise_dot_score', 'pairwise_euclidean_sim',
-           'pairwise_manhattan_sim', 'similarity_functions', 'semantic_search', 'resolve_model_folder', 'load_module',
-           'load_modules', 'SentenceEncoder', 'minilm_path']
+__all__ = ['ACTIVATIONS', 'SIMILARITY_FUNCTIONS', 'MODULE_TYPES', 'LEGACY_TYPE_NAMES', 'Tokenized', 'truncating_backend',
+           'Transformer', 'Dense', 'Normalize', 'token_budget_batches', 'pad_batch', 'padded_batches', 'prepared_ahead',
+           'cos_sim', 'dot_score', 'euclidean_sim', 'manhattan_sim', 'pairwise_cos_sim', 'pairwise_dot_score',
+           'pairwise_euclidean_sim', 'pairwise_manhattan_sim', 'similarity_functions', 'semantic_search',
+           'resolve_model_folder', 'load_module', 'load_modules', 'SentenceEncoder', 'minilm_path']
 
 # %% ../nbs/11_encoder.ipynb #e287cac1
 @dataclass
@@ -43,6 +43,15 @@ class Tokenized:
     def num_truncated(self) -> int: return sum(self.truncated)
 
 # %% ../nbs/11_encoder.ipynb #a51849e3
+def truncating_backend(tokenizer, max_length: int | None):
+    "A copy of `tokenizer`'s Rust backend that truncates at `max_length` (if any), longest-first, and never pads."
+    from tokenizers import Tokenizer
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    backend.no_padding()
+    if max_length is None: backend.no_truncation()
+    else: backend.enable_truncation(max_length, strategy='longest_first', direction=tokenizer.truncation_side)
+    return backend
+
 class Transformer(nn.Module):
     "A Hugging Face encoder and its tokenizer: texts to ids, ids to `token_embeddings`."
     config_file = 'sentence_bert_config.json'
@@ -86,11 +95,7 @@ class Transformer(nn.Module):
     def backend(self):
         "A copy of the Rust tokenizer that truncates at `max_seq_length` and never pads."
         if self._backend is None or self._backend[0] != self.max_seq_length:
-            from tokenizers import Tokenizer
-            b = Tokenizer.from_str(self.tokenizer.backend_tokenizer.to_str())
-            b.no_padding()
-            b.enable_truncation(self.max_seq_length, strategy='longest_first', direction=self.tokenizer.truncation_side)
-            self._backend = (self.max_seq_length, b)
+            self._backend = (self.max_seq_length, truncating_backend(self.tokenizer, self.max_seq_length))
         return self._backend[1]
 
     def tokenize(self, texts: list[str] | list[tuple[str, str]]) -> Tokenized:
@@ -453,7 +458,7 @@ def encode(self: SentenceEncoder, sentences, prompt_name: str | None = None, pro
     progress.close()
     if truncated:
         warnings.warn(f'{truncated} of {len(texts)} texts were longer than max_seq_length={self.max_seq_length} tokens '
-                      'and were truncated; `encoder.tokenize(texts).truncated` says which.', stacklevel=2)
+                      'and were truncated; `encoder.tokenize(texts).truncated` says which.', stacklevel=3)  # past torch's inference_mode wrapper
     if out is None: return tokens_out[0] if single else tokens_out
     if normalize_embeddings: out = F.normalize(out, p=2, dim=-1)
     if convert_to_tensor: return out[0] if single else out
