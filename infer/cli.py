@@ -16,8 +16,8 @@ from typing import Callable
 from . import __version__
 
 # %% auto #0
-__all__ = ['DEMO_CORPUS', 'DEMO_QUERY', 'COMMANDS', 'Command', 'env_report', 'run_env', 'run_embed', 'run_generate', 'run_bench',
-           'run_demo', 'build_parser', 'main']
+__all__ = ['DEMO_CORPUS', 'DEMO_QUERY', 'COMMANDS', 'Command', 'env_report', 'run_env', 'run_embed', 'run_rerank', 'run_generate',
+           'run_bench', 'run_demo', 'build_parser', 'main']
 
 # %% ../nbs/90_cli.ipynb #6f468421
 class _Parser(argparse.ArgumentParser):
@@ -59,6 +59,9 @@ def _add_embed_arguments(p: argparse.ArgumentParser):
     p.add_argument('--batch-size', type=int, help='at most this many texts per batch')
     p.add_argument('--max-batch-tokens', type=int, help='at most this many (padded) tokens per batch')
     p.add_argument('--device', help='cpu, cuda, cuda:1, ... (default: the platform\'s device)')
+    p.add_argument('--sparse', action='store_true', help='a SPLADE model (SparseEncoder): JSON lines of {word: weight}')
+    p.add_argument('--task', choices=['query', 'document'], help='--sparse: encode as queries or as documents')
+    p.add_argument('--max-active-dims', type=int, help='--sparse: keep at most this many words per text')
 
 def _read_lines(source: str) -> list[str]:
     if source == '-': return sys.stdin.read().splitlines()
@@ -75,6 +78,8 @@ def _load_encoder(model: str | None, device: str | None):
 def run_embed(args) -> int:
     import json, warnings
     import numpy as np
+    if args.sparse: return _run_embed_sparse(args)
+    if args.task or args.max_active_dims: raise ValueError('--task and --max-active-dims apply to --sparse models')
     texts = _read_lines(args.input)
     encoder = _load_encoder(args.model, args.device)
     with warnings.catch_warnings(record=True) as caught:
@@ -93,6 +98,58 @@ def run_embed(args) -> int:
         else: sys.stdout.write(lines)
     print(f'infer embed: {len(texts)} texts -> {vectors.shape[1]}-dimensional vectors'
           + (f' in {args.output}' if args.output else ''), file=sys.stderr)
+    return 0
+
+def _write(text: str, output: str | None):
+    if output:
+        with open(output, 'w') as f: f.write(text)
+    else: sys.stdout.write(text)
+
+def _run_embed_sparse(args) -> int:
+    import json, warnings
+    from infer.platforms import get_current_platform
+    from infer.sparse import SparseEncoder
+    if not args.model: raise ValueError('--sparse needs -m: the folder of a SPLADE model (a sentence-transformers SparseEncoder)')
+    if args.format == 'npy' or (args.output or '').endswith('.npy') or args.normalize:
+        raise ValueError('--sparse writes JSON lines of {word: weight}; drop --format npy, the .npy output and --normalize')
+    texts = _read_lines(args.input)
+    encoder = SparseEncoder(args.model, device=args.device or get_current_platform().device())
+    encode = {'query': encoder.encode_query, 'document': encoder.encode_document, None: encoder.encode}[args.task]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        vectors = encode(texts, prompt_name=args.prompt_name, batch_size=args.batch_size,
+                         max_batch_tokens=args.max_batch_tokens, max_active_dims=args.max_active_dims)
+    for w in caught: print(f'infer embed: warning: {w.message}', file=sys.stderr)
+    rows = encoder.decode(vectors) if texts else []
+    _write(''.join(json.dumps({'index': i, 'embedding': {w: round(x, 6) for w, x in row}}) + '\n' for i, row in enumerate(rows)), args.output)
+    print(f'infer embed: {len(texts)} texts -> sparse vectors over {encoder.embedding_dimension:,} words, '
+          f'{encoder.sparsity(vectors)["active_dims"]:.0f} active on average' + (f' in {args.output}' if args.output else ''), file=sys.stderr)
+    return 0
+
+# %% ../nbs/90_cli.ipynb #95e31032
+def _add_rerank_arguments(p: argparse.ArgumentParser):
+    p.add_argument('input', nargs='?', default='-', help='file with one document per line (default: standard input)')
+    p.add_argument('-m', '--model', required=True, help='cross-encoder folder (sentence-transformers CrossEncoder)')
+    p.add_argument('-q', '--query', required=True, help='the query the documents are ranked for')
+    p.add_argument('-k', '--top-k', type=int, help='write only the best K documents')
+    p.add_argument('-o', '--output', help='write here instead of standard output')
+    p.add_argument('--batch-size', type=int, help='at most this many pairs per batch')
+    p.add_argument('--max-batch-tokens', type=int, help='at most this many (padded) tokens per batch')
+    p.add_argument('--device', help='cpu, cuda, cuda:1, ... (default: the platform\'s device)')
+
+def run_rerank(args) -> int:
+    import json, warnings
+    from infer.cross_encoder import CrossEncoder
+    from infer.platforms import get_current_platform
+    documents = _read_lines(args.input)
+    model = CrossEncoder(args.model, device=args.device or get_current_platform().device())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        ranked = model.rank(args.query, documents, top_k=args.top_k, return_documents=True,
+                            batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens)
+    for w in caught: print(f'infer rerank: warning: {w.message}', file=sys.stderr)
+    _write(''.join(json.dumps({'rank': r, **hit, 'score': round(hit['score'], 6)}) + '\n' for r, hit in enumerate(ranked, 1)), args.output)
+    print(f'infer rerank: {len(documents)} documents scored, {len(ranked)} written', file=sys.stderr)
     return 0
 
 # %% ../nbs/90_cli.ipynb #1c159e28
@@ -254,7 +311,8 @@ def run_demo(args) -> int:
 # %% ../nbs/90_cli.ipynb #75b685c1
 COMMANDS: dict[str, Command] = {
     'env': Command('show the device, dtypes, Triton mode, attention backend and versions', run_env),
-    'embed': Command('embed texts, one per line, into vectors (.npy or JSON lines)', run_embed, _add_embed_arguments),
+    'embed': Command('embed texts, one per line, into vectors (.npy or JSON lines); --sparse for SPLADE', run_embed, _add_embed_arguments),
+    'rerank': Command('rank documents, one per line, for a query with a cross-encoder', run_rerank, _add_rerank_arguments),
     'generate': Command('continue prompts with a model folder (the LLM engine)', run_generate, _add_generate_arguments),
     'bench': Command('offline generation throughput, against transformers with --hf', run_bench, _add_bench_arguments),
     'demo': Command('run the main job end to end on this machine', run_demo, _add_demo_arguments),
@@ -274,6 +332,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.command is None: parser.error('no command given; choose one of: ' + ', '.join(COMMANDS))
     try: return COMMANDS[args.command].run(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
         print(f'infer {args.command}: error: {e}', file=sys.stderr)
         return 1

@@ -213,9 +213,10 @@ def padded_batches(tokenized: Tokenized, offset: int, pad_id: int, side: str, ma
         if tokenized.type_ids is not None:  # the real positions, row by row, are the pairs' tokens in order
             arrays['token_type_ids'] = np.zeros_like(ids)
             arrays['token_type_ids'][mask == 1] = np.concatenate([tokenized.type_ids[i] for i in batch])
-        features = {k: torch.from_numpy(v) for k, v in arrays.items()}
-        if pin: features = {k: v.pin_memory() for k, v in features.items()}
-        batches.append((torch.from_numpy(batch + offset), features))
+        features, rows = {k: torch.from_numpy(v) for k, v in arrays.items()}, torch.from_numpy(batch + offset)
+        if pin:  # a copy from pageable memory waits for the GPU to finish its queue: pinned, it does not
+            features, rows = {k: v.pin_memory() for k, v in features.items()}, rows.pin_memory()
+        batches.append((rows, features))
     return batches
 
 def prepared_ahead(num_items: int, chunk: int, prepare):

@@ -18,14 +18,15 @@ from fastcore.basics import patch
 from torch import Tensor, nn
 
 from . import __version__
+from .texts import sample_texts
 from .encoder import (SentenceEncoder, Tokenized, Transformer, _check_texts, _default_batch_tokens, _load_weights,
-                           _MIN_CHUNK, _progress, _read_json, load_module, load_modules, padded_batches, prepared_ahead,
+                           _MIN_CHUNK, _progress, _read_json, load_module, load_modules, minilm_path, padded_batches, prepared_ahead,
                            resolve_model_folder, similarity_functions, truncating_backend)
 
 # %% auto #0
 __all__ = ['SPLADE_STRATEGIES', 'SPLADE_ACTIVATIONS', 'SPARSE_MODULE_TYPES', 'SPARSE_TYPE_NAMES', 'splade_activation',
            'splade_pool', 'mlm_head', 'MLMTransformer', 'SpladePooling', 'SparseStaticEmbedding', 'Router',
-           'SparseEncoder', 'keep_top', 'sparsity', 'SparseIndex']
+           'SparseEncoder', 'keep_top', 'sparsity', 'SparseIndex', 'tiny_splade_folder']
 
 # %% ../nbs/12_sparse.ipynb #7b18e42b
 SPLADE_STRATEGIES, SPLADE_ACTIVATIONS = ('max', 'sum'), ('relu', 'log1p_relu')
@@ -320,7 +321,7 @@ def keep_top(weights: Tensor, k: int | None) -> Tensor:
 def _coordinates(weights: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
     "The nonzero entries of a batch as (2, nnz) indices in output rows, and their values."
     r, c = weights.nonzero(as_tuple=True)
-    return torch.stack([rows.to(weights.device)[r], c]), weights[r, c]
+    return torch.stack([rows[r], c]), weights[r, c]
 
 # %% ../nbs/12_sparse.ipynb #b4bac056
 @patch
@@ -350,15 +351,20 @@ def encode(self: SparseEncoder, sentences, prompt_name: str | None = None, promp
         tokenized = self.tokenize(texts[start:start + chunk], prompt, task)
         return tokenized.num_truncated, padded_batches(tokenized, start, tokenizer.pad_token_id or 0, tokenizer.padding_side,
                                                       budget, batch_size, pin=device.type == 'cuda')
-    indices, values, truncated = [], [], 0
+    indices, values, truncated, pending = [], [], 0, None
+    def collect(weights, rows):
+        where, what = _coordinates(weights, rows)
+        indices.append(where), values.append(what)
+        progress.update(len(rows))
     progress = _progress(len(texts), show_progress_bar)
     for num_truncated, batches in prepared_ahead(len(texts), chunk, prepare):
         truncated += num_truncated
         for rows, inputs in batches:
             feats = self({k_: v.to(device, non_blocking=True) for k_, v in inputs.items()}, task=task)
-            where, what = _coordinates(keep_top(feats['sentence_embedding'], k), rows)
-            indices.append(where), values.append(what)
-            progress.update(len(rows))
+            # `nonzero` waits for its batch; taking the previous batch's coordinates keeps this one queued meanwhile
+            if pending: collect(*pending)
+            pending = (keep_top(feats['sentence_embedding'], k), rows.to(device, non_blocking=True))
+    if pending: collect(*pending)
     progress.close()
     if truncated:
         warnings.warn(f'{truncated} of {len(texts)} texts were longer than max_seq_length={route[0].max_seq_length} tokens '
@@ -399,12 +405,12 @@ def decode(self: SparseEncoder, embeddings: Tensor, top_k: int | None = None) ->
     rows = embeddings.unsqueeze(0) if embeddings.dim() == 1 else embeddings
     rows = (rows.coalesce() if rows.is_sparse else rows.to_sparse()).cpu()
     (r, c), v = rows.indices(), rows.values()
+    counts = torch.bincount(r, minlength=rows.size(0)).tolist()  # a coalesced tensor's entries are sorted by row
     tokenizer = self.transformer.tokenizer
     out = []
-    for i in range(rows.size(0)):
-        sel = (r == i).nonzero(as_tuple=True)[0]
-        order = v[sel].argsort(descending=True)[:top_k]
-        out.append(list(zip(tokenizer.convert_ids_to_tokens(c[sel][order].tolist()), v[sel][order].tolist())))
+    for words, weights in zip(c.split(counts), v.split(counts)):
+        order = weights.argsort(descending=True)[:top_k]
+        out.append(list(zip(tokenizer.convert_ids_to_tokens(words[order].tolist()), weights[order].tolist())))
     return out[0] if embeddings.dim() == 1 else out
 
 def sparsity(embeddings: Tensor) -> dict[str, float]:
@@ -497,3 +503,18 @@ def save(self: SparseEncoder, path: str | Path):
               'similarity_fn_name': self.similarity_fn_name,
               **({'max_active_dims': self.max_active_dims} if self.max_active_dims else {})}
     (folder / 'config_sentence_transformers.json').write_text(json.dumps(config, indent=2))
+
+# %% ../nbs/12_sparse.ipynb #21f1ae28
+def tiny_splade_folder(folder: Path, hidden: int = 32, max_len: int = 128, active: float = 0.001) -> Path:
+    "A plain HF folder for tests and demos: a random BERT MLM whose output bias leaves about `active` of the vocabulary positive."
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+    torch.manual_seed(0)
+    model = BertForMaskedLM(BertConfig(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4, intermediate_size=2 * hidden,
+                                       max_position_embeddings=512, vocab_size=30522, initializer_range=0.2)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path(), model_max_length=max_len)
+    with torch.no_grad():
+        batch = tokenizer(sample_texts(16, seed=99), padding=True, truncation=True, return_tensors='pt')
+        logits = model(**batch).logits[batch['attention_mask'].bool()]
+        model.get_output_embeddings().bias -= torch.quantile(logits.flatten()[::7], 1 - active)
+    model.save_pretrained(folder); tokenizer.save_pretrained(folder)
+    return folder
