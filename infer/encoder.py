@@ -109,7 +109,11 @@ class Transformer(nn.Module):
 
     def model_inputs(self, features: dict) -> dict:
         "The keyword arguments of the Hugging Face model: ids, mask, and the segment ids of pairs."
-        inputs = {'input_ids': features['input_ids'], 'attention_mask': features['attention_mask']}
+        mask = features['attention_mask']
+        if getattr(self.auto_model.config, '_attn_implementation', None) == 'sdpa':
+            # a ready 4-D mask: from a 2-D one, transformers asks the GPU whether any token is padding, a sync per batch
+            mask = mask[:, None, None, :].bool()
+        inputs = {'input_ids': features['input_ids'], 'attention_mask': mask}
         if features.get('token_type_ids') is not None: inputs['token_type_ids'] = features['token_type_ids']
         return inputs
 
