@@ -16,10 +16,9 @@ import torch
 from fastcore.basics import patch
 from torch import Tensor, nn
 
-from . import __version__
 from .encoder import (
     _LOADER_OF_TASK, _MIN_CHUNK, ACTIVATIONS, LEGACY_TYPE_NAMES, Tokenized, Transformer, _default_batch_tokens,
-    _read_json, load_modules, padded_batches, prepared_ahead, resolve_model_folder)
+    _read_json, load_modules, padded_batches, prepared_ahead, resolve_model_folder, save_modules)
 
 # %% auto #0
 __all__ = ['ClassifierTransformer', 'activation_path', 'score_activation', 'load_cross_encoder', 'CrossEncoder']
@@ -305,16 +304,9 @@ def rank(self: CrossEncoder, query: str, documents: list[str], top_k: int | None
 @patch
 def save(self: CrossEncoder, path: str | Path):
     "Write a folder that sentence-transformers (6, and older) loads as a CrossEncoder."
-    import transformers
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    self.transformer.save(folder)
     act = activation_path(self.activation_fn)
+    folder = save_modules(path, [self.transformer], {ClassifierTransformer: LEGACY_TYPE_NAMES[Transformer]},
+                          {'model_type': 'CrossEncoder', 'activation_fn': act, 'prompts': {}, 'default_prompt_name': None})
     hf_config = _read_json(folder / 'config.json', 'config.json')
     hf_config['sentence_transformers'] = {'activation_fn': act}
     (folder / 'config.json').write_text(json.dumps(hf_config, indent=2, sort_keys=True) + '\n')
-    entry = {'idx': 0, 'name': '0', 'path': '', 'type': LEGACY_TYPE_NAMES[Transformer]}
-    (folder / 'modules.json').write_text(json.dumps([entry], indent=2))
-    config = {'__version__': {'infer': __version__, 'transformers': transformers.__version__, 'pytorch': torch.__version__},
-              'model_type': 'CrossEncoder', 'activation_fn': act, 'prompts': {}, 'default_prompt_name': None}
-    (folder / 'config_sentence_transformers.json').write_text(json.dumps(config, indent=2))

@@ -27,7 +27,7 @@ __all__ = ['ACTIVATIONS', 'SIMILARITY_FUNCTIONS', 'MODULE_TYPES', 'LEGACY_TYPE_N
            'Transformer', 'Dense', 'Normalize', 'token_budget_batches', 'pad_batch', 'padded_batches', 'prepared_ahead',
            'cos_sim', 'dot_score', 'euclidean_sim', 'manhattan_sim', 'pairwise_cos_sim', 'pairwise_dot_score',
            'pairwise_euclidean_sim', 'pairwise_manhattan_sim', 'similarity_functions', 'semantic_search',
-           'resolve_model_folder', 'load_module', 'load_modules', 'SentenceEncoder', 'minilm_path']
+           'resolve_model_folder', 'load_module', 'load_modules', 'SentenceEncoder', 'save_modules', 'minilm_path']
 
 # %% ../nbs/11_encoder.ipynb #e287cac1
 @dataclass
@@ -512,22 +512,27 @@ def similarity_pairwise(self: SentenceEncoder, a, b) -> Tensor:
     return similarity_functions(self.similarity_fn_name)[1](a, b)
 
 # %% ../nbs/11_encoder.ipynb #8609fca0
-@patch
-def save(self: SentenceEncoder, path: str | Path):
-    "Write a sentence-transformers folder."
+def save_modules(path: str | Path, modules, type_names: dict, config: dict) -> Path:
+    """Write `modules` as a sentence-transformers folder: each module's files (the first at the top, the others in
+    numbered subfolders), `modules.json` naming them by `type_names`, and `config` with the versions."""
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     entries = []
-    for idx, module in enumerate(self.layers):
+    for idx, module in enumerate(modules):
         sub = '' if idx == 0 else f'{idx}_{type(module).__name__}'
         module.save(folder / sub)
-        entries.append({'idx': idx, 'name': str(idx), 'path': sub, 'type': LEGACY_TYPE_NAMES[type(module)]})
+        entries.append({'idx': idx, 'name': str(idx), 'path': sub, 'type': type_names[type(module)]})
     (folder / 'modules.json').write_text(json.dumps(entries, indent=2))
     import transformers
-    config = {'__version__': {'infer': __version__, 'transformers': transformers.__version__, 'pytorch': torch.__version__},
-              'prompts': self.prompts, 'default_prompt_name': self.default_prompt_name,
-              'similarity_fn_name': self.similarity_fn_name}
-    (folder / 'config_sentence_transformers.json').write_text(json.dumps(config, indent=2))
+    versions = {'infer': __version__, 'transformers': transformers.__version__, 'pytorch': torch.__version__}
+    (folder / 'config_sentence_transformers.json').write_text(json.dumps({'__version__': versions, **config}, indent=2))
+    return folder
+
+@patch
+def save(self: SentenceEncoder, path: str | Path):
+    "Write a sentence-transformers folder."
+    save_modules(path, self.layers, LEGACY_TYPE_NAMES, {'prompts': self.prompts, 'default_prompt_name': self.default_prompt_name,
+                                                        'similarity_fn_name': self.similarity_fn_name})
 
 # %% ../nbs/11_encoder.ipynb #49977334
 def minilm_path() -> Path:

@@ -17,11 +17,10 @@ import torch
 from fastcore.basics import patch
 from torch import Tensor, nn
 
-from . import __version__
 from .texts import sample_texts
 from .encoder import (SentenceEncoder, Tokenized, Transformer, _check_texts, _default_batch_tokens, _load_weights,
                            _MIN_CHUNK, _progress, _read_json, load_module, load_modules, minilm_path, padded_batches, prepared_ahead,
-                           resolve_model_folder, similarity_functions, truncating_backend)
+                           resolve_model_folder, save_modules, similarity_functions, truncating_backend)
 
 # %% auto #0
 __all__ = ['SPLADE_STRATEGIES', 'SPLADE_ACTIVATIONS', 'SPARSE_MODULE_TYPES', 'SPARSE_TYPE_NAMES', 'splade_activation',
@@ -489,20 +488,9 @@ class SparseIndex:
 @patch
 def save(self: SparseEncoder, path: str | Path):
     "Write a sentence-transformers SparseEncoder folder."
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    entries = []
-    for idx, module in enumerate(self.layers):
-        sub = '' if idx == 0 else f'{idx}_{type(module).__name__}'
-        module.save(folder / sub)
-        entries.append({'idx': idx, 'name': str(idx), 'path': sub, 'type': SPARSE_TYPE_NAMES[type(module)]})
-    (folder / 'modules.json').write_text(json.dumps(entries, indent=2))
-    import transformers
-    config = {'__version__': {'infer': __version__, 'transformers': transformers.__version__, 'pytorch': torch.__version__},
-              'model_type': 'SparseEncoder', 'prompts': self.prompts, 'default_prompt_name': self.default_prompt_name,
-              'similarity_fn_name': self.similarity_fn_name,
-              **({'max_active_dims': self.max_active_dims} if self.max_active_dims else {})}
-    (folder / 'config_sentence_transformers.json').write_text(json.dumps(config, indent=2))
+    save_modules(path, self.layers, SPARSE_TYPE_NAMES, {
+        'model_type': 'SparseEncoder', 'prompts': self.prompts, 'default_prompt_name': self.default_prompt_name,
+        'similarity_fn_name': self.similarity_fn_name, **({'max_active_dims': self.max_active_dims} if self.max_active_dims else {})})
 
 # %% ../nbs/12_sparse.ipynb #21f1ae28
 def tiny_splade_folder(folder: Path, hidden: int = 32, max_len: int = 128, active: float = 0.001) -> Path:
