@@ -39,7 +39,7 @@ def splade_pool(hidden: Tensor, mask: Tensor, vocab_logits=None, strategy: str =
                 chunk_size: int | None = None) -> Tensor:
     """One vector [batch, vocab] from hidden states [batch, seq, hidden] (or logits, when `vocab_logits` is None):
     the MLM head and the pooling run `chunk_size` positions at a time (all at once when it is None or 0)."""
-    head = vocab_logits or (lambda h: h)
+    head = vocab_logits if vocab_logits is not None else (lambda h: h)
     batch, seq = mask.shape
     step = chunk_size if chunk_size and chunk_size > 0 else seq
     pooled = None
@@ -48,7 +48,7 @@ def splade_pool(hidden: Tensor, mask: Tensor, vocab_logits=None, strategy: str =
         real = mask[:, start:start + step, None].bool()
         if strategy == 'max':
             # the head's output is a fresh tensor and can be masked in place; logits passed in are the caller's
-            masked = logits.masked_fill_(~real, float('-inf')) if vocab_logits else logits.masked_fill(~real, float('-inf'))
+            masked = (logits.masked_fill_ if vocab_logits is not None else logits.masked_fill)(~real, float('-inf'))
             part = masked.amax(dim=1)
             pooled = part if pooled is None else torch.maximum(pooled, part)
         else:
