@@ -17,7 +17,7 @@ from fastcore.basics import patch
 from torch import Tensor, nn
 
 from .encoder import (
-    _LOADER_OF_TASK, _MIN_CHUNK, ACTIVATIONS, LEGACY_TYPE_NAMES, Tokenized, Transformer, _default_batch_tokens,
+    _LOADER_OF_TASK, _MIN_CHUNK, ACTIVATIONS, LEGACY_TYPE_NAMES, Tokenized, Transformer, batch_token_budget, warn_truncated,
     _read_json, load_modules, padded_batches, prepared_ahead, resolve_model_folder, save_modules)
 
 # %% auto #0
@@ -213,11 +213,7 @@ def _token_budget(self: CrossEncoder, batch_size: int | None, max_batch_tokens: 
         raise ValueError(f'batch_size must be a positive number of pairs (or None, to cut batches by tokens alone), not {batch_size!r}')
     if max_batch_tokens is not None and not _is_count(max_batch_tokens):
         raise ValueError(f'max_batch_tokens must be a positive number of tokens (or None for the default), not {max_batch_tokens!r}')
-    budget = _default_batch_tokens(self.device) if max_batch_tokens is None else int(max_batch_tokens)
-    if budget < self.max_seq_length:
-        raise ValueError(f'max_batch_tokens={budget} is smaller than max_seq_length={self.max_seq_length}: the longest '
-                         'pair would not fit in a batch; raise max_batch_tokens or lower max_seq_length')
-    return budget
+    return batch_token_budget(None if max_batch_tokens is None else int(max_batch_tokens), self.device, self.max_seq_length)
 
 @patch
 def tokenize(self: CrossEncoder, pairs) -> Tokenized:
@@ -257,9 +253,7 @@ def _scores(self: CrossEncoder, logits: Tensor, activation_fn, apply_softmax: bo
         return torch.softmax(scores, dim=-1) if apply_softmax else scores
 
 def _warn_truncated(truncated: int, total: int, max_seq_length: int):
-    if truncated:
-        warnings.warn(f'{truncated} of {total} pairs were longer than max_seq_length={max_seq_length} tokens and were '
-                      'truncated; `cross_encoder.tokenize(pairs).truncated` says which.', stacklevel=3)
+    warn_truncated(truncated, total, max_seq_length, 'pairs', 'cross_encoder.tokenize(pairs)', stacklevel=4)
 
 # %% ../nbs/13_cross_encoder.ipynb #b6614ecf
 @patch

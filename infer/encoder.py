@@ -27,7 +27,8 @@ __all__ = ['ACTIVATIONS', 'SIMILARITY_FUNCTIONS', 'MODULE_TYPES', 'LEGACY_TYPE_N
            'Transformer', 'Dense', 'Normalize', 'token_budget_batches', 'pad_batch', 'padded_batches', 'prepared_ahead',
            'cos_sim', 'dot_score', 'euclidean_sim', 'manhattan_sim', 'pairwise_cos_sim', 'pairwise_dot_score',
            'pairwise_euclidean_sim', 'pairwise_manhattan_sim', 'similarity_functions', 'semantic_search',
-           'resolve_model_folder', 'load_module', 'load_modules', 'SentenceEncoder', 'save_modules', 'minilm_path']
+           'resolve_model_folder', 'load_module', 'load_modules', 'SentenceEncoder', 'batch_token_budget',
+           'warn_truncated', 'save_modules', 'minilm_path']
 
 # %% ../nbs/11_encoder.ipynb #e287cac1
 @dataclass
@@ -438,10 +439,7 @@ def encode(self: SentenceEncoder, sentences, prompt_name: str | None = None, pro
     if device is not None: self.to(device)
     self.eval()
     device = self.device
-    budget = max_batch_tokens or _default_batch_tokens(device)
-    if budget < self.max_seq_length:
-        raise ValueError(f'max_batch_tokens={budget} is smaller than max_seq_length={self.max_seq_length}: '
-                         'the longest text would not fit in a batch')
+    budget = batch_token_budget(max_batch_tokens, device, self.max_seq_length)
     dim = truncate_dim or self.embedding_dimension
     features_extra = {'prompt_length': self._prompt_length(prompt)}
     out = None if output_value == 'token_embeddings' else torch.empty((len(texts), dim), device=device, dtype=next(self.parameters()).dtype)
@@ -461,9 +459,7 @@ def encode(self: SentenceEncoder, sentences, prompt_name: str | None = None, pro
                     tokens_out[i] = feats['token_embeddings'][j][inputs['attention_mask'][j].bool()].clone()
             progress.update(len(rows))
     progress.close()
-    if truncated:
-        warnings.warn(f'{truncated} of {len(texts)} texts were longer than max_seq_length={self.max_seq_length} tokens '
-                      'and were truncated; `encoder.tokenize(texts).truncated` says which.', stacklevel=3)  # past torch's inference_mode wrapper
+    warn_truncated(truncated, len(texts), self.max_seq_length, stacklevel=4)  # past torch's inference_mode wrapper
     if out is None: return tokens_out[0] if single else tokens_out
     if normalize_embeddings: out = F.normalize(out, p=2, dim=-1)
     if convert_to_tensor: return out[0] if single else out
@@ -483,6 +479,21 @@ def _prepare_chunk(self: SentenceEncoder, texts: list[str], offset: int, prompt:
 def _progress(total: int, show: bool | None):
     from tqdm.auto import tqdm
     return tqdm(total=total, desc='Encoding', unit='text', disable=not show)
+
+def batch_token_budget(max_batch_tokens: int | None, device: torch.device, max_seq_length: int | None) -> int:
+    "`max_batch_tokens`, or the device's default; refused when the longest input would not fit in a batch."
+    budget = max_batch_tokens or _default_batch_tokens(device)
+    if budget < (max_seq_length or 0):
+        raise ValueError(f'max_batch_tokens={budget} is smaller than max_seq_length={max_seq_length}: the longest '
+                         'input would not fit in a batch; raise max_batch_tokens or lower max_seq_length')
+    return budget
+
+def warn_truncated(truncated: int, total: int, max_seq_length: int, what: str = 'texts',
+                   how: str = 'encoder.tokenize(texts)', stacklevel: int = 3):
+    "Say how many inputs were cut at `max_seq_length` (nothing when none were), and where to see which."
+    if truncated:
+        warnings.warn(f'{truncated} of {total} {what} were longer than max_seq_length={max_seq_length} tokens and were '
+                      f'truncated; `{how}.truncated` says which.', stacklevel=stacklevel)
 
 # %% ../nbs/11_encoder.ipynb #77facb8e
 @patch

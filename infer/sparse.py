@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ast
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ from fastcore.basics import patch
 from torch import Tensor, nn
 
 from .texts import sample_texts
-from .encoder import (SentenceEncoder, Tokenized, Transformer, _check_texts, _default_batch_tokens, _load_weights,
+from .encoder import (SentenceEncoder, Tokenized, Transformer, _check_texts, _load_weights, batch_token_budget, warn_truncated,
                            _MIN_CHUNK, _progress, _read_json, load_module, load_modules, minilm_path, padded_batches, prepared_ahead,
                            resolve_model_folder, save_modules, similarity_functions, truncating_backend)
 
@@ -340,10 +339,7 @@ def encode(self: SparseEncoder, sentences, prompt_name: str | None = None, promp
     if device is not None: self.to(device)
     self.eval()
     device = self.device
-    budget = max_batch_tokens or _default_batch_tokens(device)
-    if budget < (route[0].max_seq_length or 0):
-        raise ValueError(f'max_batch_tokens={budget} is smaller than max_seq_length={route[0].max_seq_length}: '
-                         'the longest text would not fit in a batch')
+    budget = batch_token_budget(max_batch_tokens, device, route[0].max_seq_length)
     tokenizer = route[0].tokenizer
     chunk = max(_MIN_CHUNK, (batch_size or 0) * 4)
     def prepare(start):
@@ -365,9 +361,7 @@ def encode(self: SparseEncoder, sentences, prompt_name: str | None = None, promp
             pending = (keep_top(feats['sentence_embedding'], k), rows.to(device, non_blocking=True))
     if pending: collect(*pending)
     progress.close()
-    if truncated:
-        warnings.warn(f'{truncated} of {len(texts)} texts were longer than max_seq_length={route[0].max_seq_length} tokens '
-                      'and were truncated; `encoder.tokenize(texts).truncated` says which.', stacklevel=3)  # past torch's inference_mode wrapper
+    warn_truncated(truncated, len(texts), route[0].max_seq_length, stacklevel=4)  # past torch's inference_mode wrapper
     out_device = 'cpu' if save_to_cpu else device
     dtype = next(self.parameters()).dtype
     out = torch.sparse_coo_tensor(torch.cat(indices, 1) if indices else torch.zeros(2, 0, dtype=torch.long),

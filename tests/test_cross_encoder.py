@@ -303,22 +303,17 @@ def model_and_scores(st_folder):
     return ours, ours.predict(pairs_for('unchanged'))
 
 
-@pytest.mark.parametrize('kwargs,error,match', BAD_PREDICT, ids=[m for *_, m in BAD_PREDICT])
-def test_bad_predict_input_raises_before_any_work(model_and_scores, monkeypatch, kwargs, error, match):
+BAD_INPUT = [('predict', *case) for case in BAD_PREDICT] + [('rank', *case) for case in BAD_RANK]
+
+
+@pytest.mark.parametrize('method,kwargs,error,match', BAD_INPUT, ids=[f'{m}-{e}' for m, _, _, e in BAD_INPUT])
+def test_bad_input_raises_before_any_work(model_and_scores, monkeypatch, method, kwargs, error, match):
     ours, expected = model_and_scores
     monkeypatch.setattr(type(ours), '_logits', lambda *a, **k: pytest.fail('work started before the input was checked'))
     with pytest.raises(error, match=match):
-        ours.predict(**kwargs)
+        getattr(ours, method)(**kwargs)
     monkeypatch.undo()
     assert np.array_equal(ours.predict(pairs_for('unchanged')), expected)
-
-
-@pytest.mark.parametrize('kwargs,error,match', BAD_RANK, ids=[m for *_, m in BAD_RANK])
-def test_bad_rank_input_raises_before_any_work(model_and_scores, monkeypatch, kwargs, error, match):
-    ours, _ = model_and_scores
-    monkeypatch.setattr(type(ours), '_logits', lambda *a, **k: pytest.fail('work started before the input was checked'))
-    with pytest.raises(error, match=match):
-        ours.rank(**kwargs)
 
 
 def test_rank_needs_one_label(st_folder):
