@@ -102,7 +102,8 @@ class ModelRunner:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.graph_sizes: list[int] = []          # sorted
         self._staging: dict[np.dtype, tuple[torch.Tensor, torch.cuda.Event]] = {}   # reused pinned buffers, one per dtype
-        if cuda_graphs and self.device.type == 'cuda' and not model.is_moe: self.capture_graphs()
+        if cuda_graphs and self.device.type == 'cuda' and not (model.is_moe and self.backend == 'torch'):
+            self.capture_graphs()        # the torch backend's reference MoE layer reads its routing back: no graphs
 
     def _to_device(self, *arrays: np.ndarray) -> list[torch.Tensor]:
         """Arrays of one dtype, moved to the device in one copy, as views of the copy. On CUDA the copy starts from a

@@ -17,6 +17,7 @@ from fastcore.basics import patch
 from torch import nn
 
 from .attention import paged_attention, store_kv
+from .moe import SparseMoE
 from .ops import apply_rotary_, rms_norm, silu_and_mul
 from .paging import KVCacheSpec
 
@@ -288,36 +289,12 @@ class MLP(nn.Module):
         return self.down_proj(silu_and_mul(self.gate_up_proj(x), backend=backend))
 
 
-class MoE(nn.Module):
-    "Routed experts (reference implementation: a loop over the experts chosen), plus Qwen2-MoE's gated shared expert."
+class MoE(SparseMoE):
+    "Routed experts ([fused on the Triton backend](moe.html), the plain-torch reference otherwise), plus Qwen2-MoE's gated shared expert."
     def __init__(self, o: DecoderOptions):
-        super().__init__()
-        E, H, I = o.num_experts, o.hidden_size, o.moe_intermediate_size
-        self.top_k, self.renormalize, self.intermediate_size = o.top_k, o.renormalize, I
-        self.gate = nn.Linear(H, E, bias=False)                   # the router
-        self.w13 = nn.Parameter(torch.empty(E, 2 * I, H))
-        self.w2 = nn.Parameter(torch.empty(E, H, I))
         shared = o.shared_expert_intermediate_size
-        self.shared_expert = MLP(H, shared) if shared else None
-        self.shared_expert_gate = nn.Linear(H, 1, bias=False) if shared else None
-
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        "Each token's `top_k` experts `[T, k]` and their weights (float32, as transformers keeps them)."
-        probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)
-        weights, experts = probs.topk(self.top_k, dim=-1)
-        if self.renormalize: weights = weights / weights.sum(-1, keepdim=True)
-        return weights, experts
-
-    def forward(self, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
-        weights, experts = self.route(x)
-        out = torch.zeros_like(x)
-        for e in experts.unique().tolist():                        # data-dependent: a sync, and no CUDA graph
-            token, slot = (experts == e).nonzero(as_tuple=True)
-            gate, up = F.linear(x[token], self.w13[e]).chunk(2, dim=-1)
-            out.index_add_(0, token, (F.linear(F.silu(gate) * up, self.w2[e]) * weights[token, slot, None]).to(x.dtype))
-        if self.shared_expert is not None:
-            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x, backend)
-        return out
+        super().__init__(o.num_experts, o.hidden_size, o.moe_intermediate_size, o.top_k, renormalize=o.renormalize,
+                         shared_expert=MLP(o.hidden_size, shared) if shared else None, shared_gate=bool(shared))
 
 # %% ../nbs/25_models.ipynb #2084a855
 class DecoderLayer(nn.Module):
@@ -357,9 +334,10 @@ class DecoderModel(nn.Module):
 class CausalLM(nn.Module):
     """A decoder of any supported architecture, options from its `transformers` config, run on packed steps.
 
-    `is_moe`: whether some layer routes tokens to experts. The reference MoE layer reads its routing back to the
-    host, so such a model's forward syncs and cannot be captured in a CUDA graph; a dense model's can (Triton
-    backend, `validate=False`). Built directly, the weights are uninitialised: `load_model` fills them."""
+    `is_moe`: whether some layer routes tokens to experts. With the Triton backend and `validate=False` the forward
+    reads nothing back and can be captured in a CUDA graph; with the torch backend an MoE model's cannot (its
+    reference experts loop reads the routing back). Built directly, the weights are uninitialised: `load_model`
+    fills them."""
     def __init__(self, config):
         super().__init__()
         self.config = config

@@ -165,6 +165,13 @@ def test_parity_triton(tmp_path):
     assert parity(folder, prompt_lens=(3, 7), chunked_len=6, backend='triton', device=DEVICE) < TOL
 
 
+@pytest.mark.parametrize('arch', ['Qwen2MoeForCausalLM', 'MixtralForCausalLM'])
+def test_parity_triton_moe(arch, tmp_path):
+    "The fused-MoE kernels inside the model: routed experts (and Qwen2-MoE's shared expert) against transformers."
+    folder = tiny_model(arch, tmp_path, tokenizer=False, num_hidden_layers=1)
+    assert parity(folder, prompt_lens=(3, 7), chunked_len=6, backend='triton', device=DEVICE) < TOL
+
+
 # ------------------------------------------------------------------------------------------------- the options
 
 def tiny_config(arch, tmp_path, **overrides):
