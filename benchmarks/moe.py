@@ -191,7 +191,7 @@ def parts_us(layer, inputs) -> dict:
     logits = [layer.gate(x) for x in inputs]
     routed = [M.route(l, k, renormalize=True) for l in logits]
     aligned = [M.align_triton(ids, E, up_cfg['BLOCK_M']) for _, ids in routed]
-    hidden = torch.empty(T * k, I2 // 2, dtype=inputs[0].dtype, device=DEV)
+    hidden = torch.empty(aligned[0][0].shape[0], I2 // 2, dtype=inputs[0].dtype, device=DEV)   # in sorted order
     rows = torch.empty(T * k, H, dtype=inputs[0].dtype, device=DEV)
     stages = dict(
         router=lambda i: layer.gate(inputs[i]),
@@ -304,12 +304,13 @@ def tune(args):
             w13, w2 = experts[shape]
             xs = [torch.randn(T, H, generator=g, device=DEV).bfloat16() for _ in range(INPUT_SETS)]
             routed = [M.route(torch.randn(T, E, generator=g, device=DEV), k, renormalize=True) for _ in xs]
-            hidden = [torch.randn(T * k, I, generator=g, device=DEV).bfloat16() for _ in xs]
+            sorted_rows = M.max_padded_rows(T * k, E, 128)     # the gate-and-up product is in sorted order
+            hidden = [torch.randn(sorted_rows, I, generator=g, device=DEV).bfloat16() for _ in xs]
             best = {}
             for cfg in candidates(T, k, E):
                 bm = cfg['BLOCK_M']
                 aligned = [M.align_triton(ids, E, bm) for _, ids in routed]
-                outs = dict(up=torch.empty(T * k, I, dtype=torch.bfloat16, device=DEV),
+                outs = dict(up=torch.empty(sorted_rows, I, dtype=torch.bfloat16, device=DEV),
                             down=torch.empty(T * k, H, dtype=torch.bfloat16, device=DEV))
                 trial = dict(shape=shape, tokens=T, **cfg)
                 for part in ('up', 'down'):
@@ -358,5 +359,7 @@ if __name__ == '__main__':
     p.add_argument('--budget-s', type=float, default=540, help='tuning: stop starting new token counts after this')
     p.add_argument('--json', help='file name under $OUT for the results')
     p.add_argument('--configs', help="a --tune run's JSON: time with its best tiles instead of infer's table")
+    p.add_argument('--no-tma', action='store_true', help='read the weights through pointers even on Hopper')
     args = p.parse_args()
+    if args.no_tma: M._tma_ready = lambda a, b: False
     tune(args) if args.tune else bench(args)

@@ -14,6 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import _interpreting, attention_backend, kernel, tl, triton
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:    # an older Triton, or none: the weights are read through pointers
+    TensorDescriptor = None
 from .ops import _cast, _round_by_hand
 
 # %% auto #0
@@ -147,11 +152,11 @@ def experts_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weig
                       activation: str = 'silu', w13_scale: torch.Tensor | None = None,
                       w2_scale: torch.Tensor | None = None) -> torch.Tensor:
     """`sum_j weights[t, j] · w2[e] · act(gate) ⊙ up` over each token's experts `e = ids[t, j]`, in plain torch, with
-    `gate, up = w13[e] · x[t]`; ids of −1 contribute nothing. `[T, H]` in x's dtype."""
+    `gate, up = w13[e] · x[t]`; ids of −1 (or any id outside `0..E−1`) contribute nothing. `[T, H]` in x's dtype."""
     _check_experts(x, w13, w2, weights, ids, activation, w13_scale, w2_scale, 'experts_reference')
     out = torch.zeros_like(x)
     for e in ids.unique().tolist():                        # data-dependent: a sync, and no CUDA graph
-        if e < 0: continue
+        if not 0 <= e < w13.shape[0]: continue
         token, slot = (ids == e).nonzero(as_tuple=True)
         gate, up = F.linear(x[token], _expert_matrix(w13, w13_scale, e, x.dtype)).chunk(2, dim=-1)
         rows = F.linear(activate(gate, activation) * up, _expert_matrix(w2, w2_scale, e, x.dtype))
@@ -209,7 +214,7 @@ def align_reference(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[
     sentinel `T·k` to a multiple of `block_m`; pairs routed to −1 last, in tiles whose expert is −1."""
     flat = ids.flatten().long()
     n, device = flat.numel(), ids.device
-    group = torch.where(flat < 0, num_experts, flat)
+    group = torch.where((flat < 0) | (flat >= num_experts), num_experts, flat)
     counts = torch.zeros(num_experts + 1, dtype=torch.long, device=device).scatter_add_(0, group, torch.ones_like(group))
     padded = (counts + block_m - 1) // block_m * block_m
     starts = padded.cumsum(0) - padded
@@ -226,9 +231,9 @@ def align_reference(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[
 # %% ../nbs/26_moe.ipynb #431a7b9f
 @kernel
 def _pair_groups(ids_ptr, pairs, num_pairs, num_experts, BINS: tl.constexpr):
-    "Each pair's group: its expert; `num_experts` when routed elsewhere (−1); BINS − 1 for lanes past the end."
+    "Each pair's group: its expert; `num_experts` when routed elsewhere (−1, or no expert here); BINS − 1 past the end."
     e = tl.load(ids_ptr + pairs, mask=pairs < num_pairs, other=0).to(tl.int32)
-    return tl.where(pairs < num_pairs, tl.where(e < 0, num_experts, e), BINS - 1)
+    return tl.where(pairs < num_pairs, tl.where((e < 0) | (e >= num_experts), num_experts, e), BINS - 1)
 
 
 @kernel
@@ -336,7 +341,7 @@ def _experts_matmul_kernel(a_ptr, b_ptr, out_ptr, scale_ptr, weights_ptr, sorted
                            stride_om, stride_se,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                            GATED: tl.constexpr, ACTIVATION: tl.constexpr, WEIGHTED: tl.constexpr,
-                           SCALED: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
+                           SCALED: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
                            DOT_PRECISION: tl.constexpr, BY_HAND: tl.constexpr):
     pid = tl.program_id(0)
     blocks_n = tl.cdiv(N, BLOCK_N)
@@ -346,38 +351,56 @@ def _experts_matmul_kernel(a_ptr, b_ptr, out_ptr, scale_ptr, weights_ptr, sorted
     pid_n = (pid % (GROUP_M * blocks_n)) // rows_in_group
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr): return
     expert = tl.load(block_experts_ptr + pid_m).to(tl.int64)
-    pairs = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)             # this tile's rows in sorted order
+    pairs = tl.load(sorted_ptr + slots).to(tl.int64)
     real = pairs < num_pairs
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    out_ptrs = out_ptr + pairs[:, None] * stride_om + cols[None, :]
+    # gate-and-up writes its product in sorted order, so that the down projection reads whole tiles of rows;
+    # down writes each row at its pair's place, in token order, for the combine
+    out_ptrs = out_ptr + (slots if GATED else pairs)[:, None] * stride_om + cols[None, :]
     out_mask = real[:, None] & (cols < N)[None, :]
     if expert < 0:                                   # pairs routed elsewhere: nothing to add
         if WEIGHTED: tl.store(out_ptrs, tl.zeros([BLOCK_M, BLOCK_N], dtype=out_ptr.dtype.element_ty), mask=out_mask)
         return
-    # the weight columns this program reads: `cols`, and for the gated product the same columns of the up half
-    # too, side by side in one tile of 2·BLOCK_N, so that one matrix product computes both
-    WIDTH: tl.constexpr = 2 * BLOCK_N if GATED else BLOCK_N
-    lanes = tl.arange(0, WIDTH)
-    b_cols = pid_n * BLOCK_N + lanes % BLOCK_N
-    b_rows = b_cols + (lanes >= BLOCK_N) * N
-    n_ok = (b_cols < N)[None, :]
     ks = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + (pairs // a_row_div)[:, None] * stride_am + ks[None, :]
-    b_ptrs = b_ptr + expert * stride_be + b_rows[None, :] * stride_bn + ks[:, None] * stride_bk
-    acc = tl.zeros([BLOCK_M, WIDTH], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = (ks < K - k0) | EVEN_K
-        a = tl.load(a_ptrs, mask=real[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok, other=0.0)
-        if SCALED: b = b.to(a.dtype)
-        if UPCAST: a, b = a.to(tl.float32), b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K * stride_bk
-    if SCALED: acc *= tl.load(scale_ptr + expert * stride_se + b_rows, mask=b_cols < N, other=0.0)[None, :]
-    if GATED:
-        gate, up = tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, BLOCK_N]), (0, 2, 1)))
-        acc = _activation(gate, ACTIVATION) * up
+    if TMA:   # Hopper: tiles by the tensor-memory accelerator; the gate and up halves as two products
+        n0 = pid_n * BLOCK_N
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if GATED: a_ptrs = a_ptr + (pairs // a_row_div)[:, None] * stride_am + ks[None, :]
+        for k0 in range(0, K, BLOCK_K):
+            if GATED: a = tl.load(a_ptrs, mask=real[:, None] & ((ks < K - k0) | EVEN_K)[None, :], other=0.0)
+            else: a = a_ptr.load([pid_m * BLOCK_M, k0])       # the down projection's rows: one whole tile
+            b = b_ptr.load([expert.to(tl.int32), n0, k0]).reshape(BLOCK_N, BLOCK_K)
+            acc = tl.dot(a, b.to(a.dtype).T, acc)
+            if GATED:
+                b = b_ptr.load([expert.to(tl.int32), N + n0, k0]).reshape(BLOCK_N, BLOCK_K)
+                up = tl.dot(a, b.to(a.dtype).T, up)
+            if GATED: a_ptrs += BLOCK_K
+        if SCALED:
+            acc *= tl.load(scale_ptr + expert * stride_se + cols, mask=cols < N, other=0.0)[None, :]
+            if GATED: up *= tl.load(scale_ptr + expert * stride_se + N + cols, mask=cols < N, other=0.0)[None, :]
+    else:     # pointers: the gate columns and the same columns of the up half side by side, one product of 2·BLOCK_N
+        a_ptrs = a_ptr + (pairs // a_row_div if GATED else slots)[:, None] * stride_am + ks[None, :]
+        WIDTH: tl.constexpr = 2 * BLOCK_N if GATED else BLOCK_N
+        lanes = tl.arange(0, WIDTH)
+        b_cols = pid_n * BLOCK_N + lanes % BLOCK_N
+        b_rows = b_cols + (lanes >= BLOCK_N) * N
+        b_ptrs = b_ptr + expert * stride_be + b_rows[None, :] * stride_bn + ks[:, None] * stride_bk
+        both = tl.zeros([BLOCK_M, WIDTH], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = (ks < K - k0) | EVEN_K
+            a = tl.load(a_ptrs, mask=real[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & (b_cols < N)[None, :], other=0.0)
+            if UPCAST: a, b = a.to(tl.float32), b.to(tl.float32)       # (the interpreter casts int8 to bf16 wrongly)
+            elif SCALED: b = b.to(a.dtype)
+            both = tl.dot(a, b, both, input_precision=DOT_PRECISION)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K * stride_bk
+        if SCALED: both *= tl.load(scale_ptr + expert * stride_se + b_rows, mask=b_cols < N, other=0.0)[None, :]
+        if GATED: acc, up = tl.split(tl.permute(tl.reshape(both, [BLOCK_M, 2, BLOCK_N]), (0, 2, 1)))
+        else: acc = both
+    if GATED: acc = _activation(acc, ACTIVATION) * up
     if WEIGHTED: acc *= tl.load(weights_ptr + pairs, mask=real, other=0.0)[:, None]
     tl.store(out_ptrs, _cast(acc, out_ptr.dtype.element_ty, BY_HAND), mask=out_mask)
 
@@ -410,18 +433,18 @@ def _tile(block_m, block_n, block_k, group_m, num_warps, num_stages) -> dict:
 
 H200_MOE_CONFIGS: dict = {   # (experts, hidden, intermediate, top_k): {tokens: (gate_up, down)}
     (8, 4096, 14336, 2): {   # mixtral
-        1: (_tile(16, 32, 64, 1, 4, 3), _tile(16, 64, 256, 1, 4, 4)),
-        16: (_tile(16, 128, 128, 1, 4, 3), _tile(16, 64, 256, 1, 4, 3)),
-        64: (_tile(16, 128, 64, 1, 4, 3), _tile(16, 128, 64, 1, 4, 3)),
+        1: (_tile(16, 64, 256, 1, 4, 3), _tile(16, 64, 256, 1, 4, 4)),
+        16: (_tile(16, 128, 128, 1, 4, 3), _tile(16, 128, 256, 1, 4, 3)),
+        64: (_tile(16, 64, 64, 1, 4, 3), _tile(16, 128, 64, 1, 4, 3)),
         256: (_tile(64, 64, 64, 8, 4, 3), _tile(64, 128, 64, 8, 4, 3)),
         1024: (_tile(128, 128, 64, 32, 8, 4), _tile(128, 256, 64, 8, 8, 4)),
-        4096: (_tile(128, 128, 64, 8, 8, 3), _tile(128, 256, 64, 32, 8, 4)),
+        4096: (_tile(128, 128, 64, 8, 8, 3), _tile(128, 256, 64, 8, 8, 3)),
     },
     (128, 2048, 768, 8): {   # qwen3
-        1: (_tile(16, 32, 128, 1, 4, 4), _tile(16, 64, 128, 1, 4, 4)),
-        16: (_tile(16, 32, 128, 1, 4, 3), _tile(16, 64, 128, 1, 4, 3)),
-        64: (_tile(16, 32, 128, 1, 4, 4), _tile(16, 64, 128, 1, 4, 3)),
-        256: (_tile(16, 128, 64, 1, 4, 3), _tile(16, 128, 64, 1, 4, 3)),
+        1: (_tile(16, 64, 256, 1, 4, 3), _tile(16, 128, 256, 1, 4, 3)),
+        16: (_tile(16, 64, 128, 1, 4, 3), _tile(16, 64, 128, 1, 4, 3)),
+        64: (_tile(16, 32, 128, 1, 4, 3), _tile(16, 128, 128, 1, 4, 3)),
+        256: (_tile(16, 128, 64, 1, 4, 4), _tile(16, 128, 128, 1, 4, 3)),
         1024: (_tile(64, 64, 64, 8, 4, 3), _tile(64, 128, 64, 8, 4, 3)),
         4096: (_tile(128, 128, 64, 8, 8, 4), _tile(128, 256, 64, 8, 8, 4)),
     },
@@ -447,17 +470,30 @@ def moe_config(num_experts: int, hidden: int, intermediate: int, tokens: int, to
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def _tma_ready(a: torch.Tensor, b: torch.Tensor) -> bool:
+    "Whether the weight tiles can come by TMA: a Hopper-or-newer GPU, 16-byte aligned rows, half-precision products."
+    if TensorDescriptor is None or _interpreting() or not b.is_cuda: return False
+    if torch.cuda.get_device_capability(b.device) < (9, 0): return False
+    return (a.dtype != torch.float32 and b.is_contiguous() and b.data_ptr() % 16 == 0
+            and all(stride * b.element_size() % 16 == 0 for stride in b.stride()[:-1]))
+
+
 def _launch(a, b, out, scale, weights, aligned, N, K, num_pairs, a_row_div, config, *, gated, activation, weighted):
     sorted_ids, block_experts, num_padded = aligned
     cfg = dict(config)
     num_blocks = block_experts.shape[0]
     grid = (num_blocks * triton.cdiv(N, cfg['BLOCK_N']),)
     upcast = _interpreting() and a.dtype != torch.float32
+    tma = _tma_ready(a, b)
+    if tma:
+        b_tiles = TensorDescriptor(b, list(b.shape), list(b.stride()), [1, cfg['BLOCK_N'], cfg['BLOCK_K']])
+        a_tiles = a if gated else TensorDescriptor(a, list(a.shape), list(a.stride()), [cfg['BLOCK_M'], cfg['BLOCK_K']])
+    else: a_tiles, b_tiles = a, b
     _experts_matmul_kernel[grid](
-        a, b, out, scale if scale is not None else b, weights, sorted_ids, block_experts, num_padded,
+        a_tiles, b_tiles, out, scale if scale is not None else b, weights, sorted_ids, block_experts, num_padded,
         N, K, num_pairs, a_row_div, num_blocks, a.stride(0), b.stride(0), b.stride(1), b.stride(2),
         out.stride(0), scale.stride(0) if scale is not None else 0, GATED=gated, ACTIVATION=activation,
-        WEIGHTED=weighted, SCALED=scale is not None, EVEN_K=K % cfg['BLOCK_K'] == 0, UPCAST=upcast,
+        WEIGHTED=weighted, SCALED=scale is not None, EVEN_K=K % cfg['BLOCK_K'] == 0, UPCAST=upcast, TMA=tma,
         DOT_PRECISION='ieee' if a.dtype == torch.float32 or upcast else None, BY_HAND=_round_by_hand(out.dtype),
         **cfg)
 
@@ -478,7 +514,7 @@ def fused_experts_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, w
     x, w13, w2 = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, w13, w2))
     weights = weights.float().contiguous()
     aligned = align_triton(ids, E, up_cfg['BLOCK_M'])
-    hidden = torch.empty(T * k, I, dtype=x.dtype, device=x.device)
+    hidden = torch.empty(aligned[0].shape[0], I, dtype=x.dtype, device=x.device)      # in sorted order
     _launch(x, w13, hidden, w13_scale, weights, aligned, I, H, T * k, k, up_cfg, gated=True, activation=activation,
             weighted=False)
     rows = torch.empty(T * k, H, dtype=x.dtype, device=x.device)
@@ -533,7 +569,11 @@ class SparseMoE(nn.Module):
 
     def route(self, x: torch.Tensor, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         "Each token's experts and weights: `(weights [T, k] float32, ids [T, k])`."
-        return route(self.gate(x), self.top_k, correction_bias=self.correction_bias, backend=backend, **self.routing)
+        logits = self.gate(x)
+        if logits.shape[-1] != self.w13.shape[0]:
+            _fail(f'SparseMoE: the router scores {logits.shape[-1]} experts but the layer holds {self.w13.shape[0]}; '
+                  'load the gate of this layer (its weight must be [experts, hidden])')
+        return route(logits, self.top_k, correction_bias=self.correction_bias, backend=backend, **self.routing)
 
     def forward(self, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
         weights, ids = self.route(x, backend)
