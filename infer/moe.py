@@ -501,7 +501,7 @@ def _launch(a, b, out, scale, weights, aligned, N, K, num_pairs, a_row_div, conf
 def fused_experts_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
                          ids: torch.Tensor, activation: str = 'silu', w13_scale: torch.Tensor | None = None,
                          w2_scale: torch.Tensor | None = None, config: tuple[dict, dict] | None = None) -> torch.Tensor:
-    """`experts_reference` as five kernels (align, gate-and-up, down, combine) with no sync. `config`: the
+    """`experts_reference` as Triton kernels (align, gate-and-up, down, combine) with no sync. `config`: the
     `(gate_up, down)` tile configs, for tuning (default `moe_config`); both must share `BLOCK_M`."""
     _check_experts(x, w13, w2, weights, ids, activation, w13_scale, w2_scale, 'fused_experts', KERNEL_DTYPES)
     (T, H), (E, I2, _), k = x.shape, w13.shape, ids.shape[1]
