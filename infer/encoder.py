@@ -24,11 +24,11 @@ from .pooling import Pooling
 
 # %% auto #0
 __all__ = ['ACTIVATIONS', 'SIMILARITY_FUNCTIONS', 'MODULE_TYPES', 'LEGACY_TYPE_NAMES', 'Tokenized', 'truncating_backend',
-           'Transformer', 'Dense', 'Normalize', 'token_budget_batches', 'pad_batch', 'padded_batches', 'prepared_ahead',
-           'cos_sim', 'dot_score', 'euclidean_sim', 'manhattan_sim', 'pairwise_cos_sim', 'pairwise_dot_score',
-           'pairwise_euclidean_sim', 'pairwise_manhattan_sim', 'similarity_functions', 'semantic_search',
-           'resolve_model_folder', 'load_module', 'load_modules', 'SentenceEncoder', 'batch_token_budget',
-           'warn_truncated', 'save_modules', 'minilm_path']
+           'Transformer', 'Dense', 'Normalize', 'token_budget_batches', 'pad_batch', 'padded_features',
+           'batch_features', 'padded_batches', 'prepared_ahead', 'cos_sim', 'dot_score', 'euclidean_sim',
+           'manhattan_sim', 'pairwise_cos_sim', 'pairwise_dot_score', 'pairwise_euclidean_sim',
+           'pairwise_manhattan_sim', 'similarity_functions', 'semantic_search', 'resolve_model_folder', 'load_module',
+           'load_modules', 'SentenceEncoder', 'batch_token_budget', 'warn_truncated', 'save_modules', 'minilm_path']
 
 # %% ../nbs/11_encoder.ipynb #e287cac1
 @dataclass
@@ -206,6 +206,25 @@ def pad_batch(ids: list[list[int]], pad_id: int, side: str = 'right') -> tuple[n
         else: input_ids[row, width - len(seq):], mask[row, width - len(seq):] = seq, 1
     return input_ids, mask
 
+def padded_features(tokenized: Tokenized, rows, pad_id: int, side: str) -> dict[str, Tensor]:
+    "The features of `rows` of `tokenized` as one padded batch: `input_ids`, `attention_mask`, and for pairs `token_type_ids`."
+    ids, mask = pad_batch([tokenized.ids[i] for i in rows], pad_id, side)
+    arrays = {'input_ids': ids, 'attention_mask': mask}
+    if tokenized.type_ids is not None:  # the real positions, row by row, are the pairs' tokens in order
+        arrays['token_type_ids'] = np.zeros_like(ids)
+        arrays['token_type_ids'][mask == 1] = np.concatenate([tokenized.type_ids[i] for i in rows])
+    return {k: torch.from_numpy(v) for k, v in arrays.items()}
+
+
+def batch_features(model, texts, prompt: str | None = None) -> dict[str, Tensor]:
+    """One padded batch of `texts` (or of (first, second) pairs, for a cross-encoder) as the features dict that
+    `model`'s forward takes, in order, on the model's device: what a loss or a trainer feeds a model."""
+    texts = [prompt + t for t in texts] if prompt else list(texts)
+    tokenized, tokenizer = model.transformer.tokenize(texts), model.transformer.tokenizer
+    features = padded_features(tokenized, range(len(texts)), tokenizer.pad_token_id or 0, tokenizer.padding_side)
+    return {k: v.to(model.device) for k, v in features.items()}
+
+
 def padded_batches(tokenized: Tokenized, offset: int, pad_id: int, side: str, max_batch_tokens: int,
                    batch_size: int | None = None, pin: bool = False) -> list[tuple[Tensor, dict[str, Tensor]]]:
     """Cut `tokenized` into padded batches within the budget: each is (output rows, features), where the rows
@@ -213,12 +232,7 @@ def padded_batches(tokenized: Tokenized, offset: int, pad_id: int, side: str, ma
     and, for pairs, `token_type_ids`; pinned for a fast copy to a GPU when `pin`."""
     batches = []
     for batch in token_budget_batches(tokenized.lengths, max_batch_tokens, batch_size):
-        ids, mask = pad_batch([tokenized.ids[i] for i in batch], pad_id, side)
-        arrays = {'input_ids': ids, 'attention_mask': mask}
-        if tokenized.type_ids is not None:  # the real positions, row by row, are the pairs' tokens in order
-            arrays['token_type_ids'] = np.zeros_like(ids)
-            arrays['token_type_ids'][mask == 1] = np.concatenate([tokenized.type_ids[i] for i in batch])
-        features, rows = {k: torch.from_numpy(v) for k, v in arrays.items()}, torch.from_numpy(batch + offset)
+        features, rows = padded_features(tokenized, batch, pad_id, side), torch.from_numpy(batch + offset)
         if pin:  # a copy from pageable memory waits for the GPU to finish its queue: pinned, it does not
             features, rows = {k: v.pin_memory() for k, v in features.items()}, rows.pin_memory()
         batches.append((rows, features))
