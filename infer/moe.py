@@ -7,25 +7,23 @@ Docs: https://infer-dev.github.io/infer/moe.html.md"""
 # %% ../nbs/26_moe.ipynb #9596668e
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import _interpreting, attention_backend, kernel, tl, triton
+from .attention import KERNEL_DTYPES, _interpreting, attention_backend, kernel, tl, triton
+from .ops import _cast, _round_by_hand
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:    # an older Triton, or none: the weights are read through pointers
     TensorDescriptor = None
-from .ops import _cast, _round_by_hand
 
 # %% auto #0
-__all__ = ['SCORINGS', 'ACTIVATIONS', 'QUANT_DTYPES', 'ONE_PROGRAM_PAIRS', 'H200_MOE_CONFIGS', 'KERNEL_DTYPES', 'MoEError',
-           'route', 'softmax_topk_triton', 'activate', 'experts_reference', 'max_padded_rows', 'align_reference',
-           'align_triton', 'combine_triton', 'moe_config', 'fused_experts_triton', 'fused_experts', 'rel_err',
-           'random_experts', 'SparseMoE', 'quantize_experts', 'quantize_layer_']
+__all__ = ['SCORINGS', 'ACTIVATIONS', 'QUANT_DTYPES', 'ONE_PROGRAM_PAIRS', 'H200_MOE_CONFIGS', 'MoEError', 'route',
+           'softmax_topk_triton', 'activate', 'experts_reference', 'max_padded_rows', 'align_reference', 'align_triton',
+           'combine_triton', 'moe_config', 'fused_experts_triton', 'fused_experts', 'rel_err', 'random_experts',
+           'SparseMoE', 'quantize_experts', 'quantize_layer_']
 
 # %% ../nbs/26_moe.ipynb #aad87899
 class MoEError(ValueError):
@@ -467,9 +465,6 @@ def moe_config(num_experts: int, hidden: int, intermediate: int, tokens: int, to
     return _default_configs(tokens * top_k / num_experts)
 
 # %% ../nbs/26_moe.ipynb #e8a38ef1
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
 def _tma_ready(a: torch.Tensor, b: torch.Tensor) -> bool:
     "Whether the weight tiles can come by TMA: a Hopper-or-newer GPU, 16-byte aligned rows, half-precision products."
     if TensorDescriptor is None or _interpreting() or not b.is_cuda: return False
