@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from .cross_encoder import CrossEncoder, activation_path
 from .encoder import batch_features
+from .losses import LossInputError
 
 # %% auto #0
 __all__ = ['pair_logits', 'CrossLossError', 'BinaryCrossEntropyLoss', 'CrossEntropyLoss', 'MultipleNegativesRankingLoss',
@@ -29,7 +30,7 @@ def pair_logits(model: CrossEncoder, pairs: list[tuple[str, str]], chunk_size: i
     return torch.cat([model(batch_features(model, pairs[i:i + step]))['scores'] for i in range(0, len(pairs), step)])
 
 # %% ../nbs/14a_cross_losses.ipynb #5ef53ab2
-class CrossLossError(ValueError):
+class CrossLossError(LossInputError):
     "Input a cross-encoder loss cannot train on; the message says what it expected."
 
 def _name(obj) -> str | None:
