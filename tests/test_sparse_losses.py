@@ -1,5 +1,5 @@
 """infer.sparse_losses against sentence-transformers 6.2's sparse losses on a tiny random SPLADE model (a 2-layer BERT
-MLM, float32) loaded by both libraries: every term of SpladeLoss to 1e-6 (absolute; the terms are of order 1 and 1e-3)
+MLM, float32) loaded by both libraries: every term of SpladeLoss to 1e-6 of its size (at least 1e-6 absolute)
 and every parameter's gradient to 1e-4 relative; FlopsLoss on random sparse batches; the regularizer warm-up step by
 step. Gradients that are zero in exact arithmetic (both sides only rounding noise, below 1e-5 of the largest) are
 checked to be that small on both sides instead."""
@@ -51,7 +51,8 @@ def run_both(ours_model, their_model, ours_loss, their_loss, columns, labels=Non
     ours_parts = ours_loss.parts([batch_features(ours_model, c) for c in columns], labels)
     their_parts = their_loss([dict(batch_features(ours_model, c)) for c in columns], labels)
     assert set(ours_parts) == set(their_parts)
-    for name, value in their_parts.items(): assert abs(ours_parts[name].item() - value.item()) < 1e-6, name
+    for name, value in their_parts.items():   # float32 sums in another order: 1e-6 of the value (values reach ~30)
+        assert abs(ours_parts[name].item() - value.item()) <= 1e-6 * max(1.0, abs(value.item())), (name, ours_parts[name], value)
     sum(ours_parts.values()).backward(); sum(their_parts.values()).backward()
     assert_same_gradients(ours_model, their_model)
     return ours_parts
