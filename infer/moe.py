@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import KERNEL_DTYPES, _interpreting, attention_backend, kernel, tl, triton
-from .ops import _cast, _round_by_hand
+from .ops import _cast, _describe, _round_by_hand
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -32,10 +32,6 @@ class MoEError(ValueError):
 
 def _fail(msg: str):
     raise MoEError(msg)
-
-
-def _describe(x) -> str:
-    return f'{x.dtype} {list(x.shape)}' if isinstance(x, torch.Tensor) else type(x).__name__
 
 # %% ../nbs/26_moe.ipynb #9b4a5b7d
 SCORINGS = ('softmax', 'sigmoid')

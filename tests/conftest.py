@@ -9,3 +9,17 @@ os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 import torch  # noqa: E402
 
 if not torch.cuda.is_available(): os.environ.setdefault('TRITON_INTERPRET', '1')
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope='module')
+def one_torch_thread():
+    """Models this small gain nothing from a second thread, and where the cores are shared (pytest-xdist workers,
+    other jobs) every operator would wait for the second thread's turn on a core: one thread for a module that asks
+    (`pytestmark = pytest.mark.usefixtures('one_torch_thread')`), restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -24,7 +24,7 @@ from infer.cross_encoder import ClassifierTransformer, CrossEncoder
 from infer.encoder import minilm_path
 from infer.texts import sample_texts
 
-pytestmark = pytest.mark.filterwarnings('ignore:.*were truncated:UserWarning')
+pytestmark = [pytest.mark.filterwarnings('ignore:.*were truncated:UserWarning'), pytest.mark.usefixtures('one_torch_thread')]
 
 MAX_LEN = 64
 SHAPE = dict(vocab_size=30522, max_position_embeddings=128, pad_token_id=0, initializer_range=0.2)
@@ -38,16 +38,6 @@ ARCHS = {  # config class, model class, shape, whether the model reads segment i
 SMALL_BATCHES = dict(max_batch_tokens=8 * MAX_LEN)  # ours: 8 full-length pairs a batch, more short ones; theirs: 16 pairs
 SIGMOID, IDENTITY, TANH = ('torch.nn.modules.activation.Sigmoid', 'torch.nn.modules.linear.Identity',
                            'torch.nn.modules.activation.Tanh')
-
-
-@pytest.fixture(scope='module', autouse=True)
-def one_torch_thread():
-    """Models this small gain nothing from a second thread, and where the cores are shared (pytest-xdist workers,
-    other jobs) every operator would wait for the second thread's turn on a core: one thread, restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope='module')

@@ -25,20 +25,12 @@ from infer.cross_encoder import CrossEncoder
 from infer.encoder import minilm_path
 from infer.texts import sample_texts
 
-pytestmark = pytest.mark.filterwarnings('ignore::UserWarning')
+pytestmark = [pytest.mark.filterwarnings('ignore::UserWarning'), pytest.mark.usefixtures('one_torch_thread')]
 
 TINY = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
             max_position_embeddings=128, initializer_range=0.2)  # wide init: scores differ from pair to pair
 SEEDS = [0, 1, 2]
 NOISE = 1e-5  # a gradient below this fraction of the largest is rounding noise around an exact zero
-
-
-@pytest.fixture(scope='module', autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope='module')

@@ -34,7 +34,7 @@ from infer.evaluation import (BinaryClassificationEvaluator, CrossEncoderReranki
                               best_accuracy_threshold, best_f1_threshold, pearson, spearman, tie_averaged_ndcg)
 from infer.texts import sample_texts
 
-pytestmark = pytest.mark.filterwarnings('ignore:.*were truncated:UserWarning')
+pytestmark = [pytest.mark.filterwarnings('ignore:.*were truncated:UserWarning'), pytest.mark.usefixtures('one_torch_thread')]
 
 EPS = 1e-6
 SEEDS = range(4)
@@ -44,15 +44,6 @@ ST_SIMILARITY = {'cosine': st_util.cos_sim, 'dot': st_util.dot_score, 'euclidean
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=30522,
             max_position_embeddings=128, pad_token_id=0, initializer_range=0.2)
 NO_MODEL_CARD = SimpleNamespace(set_evaluation_metrics=lambda *args: None)
-
-
-@pytest.fixture(scope='module', autouse=True)
-def one_torch_thread():
-    "Small models gain nothing from a second thread on cores shared with other jobs."
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class LookupModel:

@@ -36,20 +36,12 @@ from infer.pooling import Pooling
 from infer.texts import sample_texts
 
 pytestmark = [pytest.mark.filterwarnings('ignore:.*were truncated:UserWarning'),
-              pytest.mark.filterwarnings('ignore::DeprecationWarning'), pytest.mark.filterwarnings('ignore::FutureWarning')]
+              pytest.mark.filterwarnings('ignore::DeprecationWarning'), pytest.mark.filterwarnings('ignore::FutureWarning'),
+              pytest.mark.usefixtures('one_torch_thread')]
 
 ROWS, DIM = 12, 32
 TINY = dict(hidden_size=DIM, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=30522,
             max_position_embeddings=512, initializer_range=0.2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-
-
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    "Tiny matrices: one thread is faster than two, and leaves the other core to whatever else runs."
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def save_tiny(path, seed, max_len=64):

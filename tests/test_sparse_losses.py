@@ -18,12 +18,7 @@ from infer.sparse_losses import (FlopsLoss, SparseMultipleNegativesRankingLoss, 
 from infer.texts import sample_texts
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
 
 @pytest.fixture(scope='module')
