@@ -10,13 +10,14 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
+import sys
 import sysconfig
 import warnings
 from functools import cache
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['STDLIB_MODULES', 'sample_texts']
+__all__ = ['STDLIB_MODULES', 'ALL_STDLIB_MODULES', 'sample_texts', 'docstring_pairs']
 
 # %% ../nbs/09_texts.ipynb #5d195cc9
 STDLIB_MODULES = (
@@ -30,20 +31,25 @@ STDLIB_MODULES = (
 
 _SENTENCE_END = re.compile(r'(?<=[.!?])\s+(?=[A-Z(`"])')
 
-def _docstrings(module_name: str) -> list[str]:
-    "Docstrings of a module and of its public functions, classes and methods."
+def _documented(module_name: str) -> list[tuple[str, object]]:
+    "A module and its public functions, classes and methods that have docstrings, with their qualified names."
     with warnings.catch_warnings():  # importing, and reading some attributes (typing.io), warns of deprecations
         warnings.simplefilter('ignore')
         try: mod = importlib.import_module(module_name)
         except Exception: return []
-        objects = [mod]
+        objects = [(module_name, mod)]
         for name, obj in sorted(vars(mod).items()):
             if name.startswith('_') or getattr(obj, '__module__', None) != mod.__name__: continue
-            if inspect.isfunction(obj): objects.append(obj)
+            if inspect.isfunction(obj): objects.append((f'{module_name}.{name}', obj))
             elif inspect.isclass(obj):
-                objects.append(obj)
-                objects += [m for attr, m in sorted(vars(obj).items()) if not attr.startswith('_') and inspect.isfunction(m)]
-        return [inspect.cleandoc(o.__doc__) for o in objects if isinstance(getattr(o, '__doc__', None), str)]
+                objects.append((f'{module_name}.{name}', obj))
+                objects += [(f'{module_name}.{name}.{attr}', m) for attr, m in sorted(vars(obj).items())
+                            if not attr.startswith('_') and inspect.isfunction(m)]
+        return [(n, o) for n, o in objects if isinstance(getattr(o, '__doc__', None), str)]
+
+def _docstrings(module_name: str) -> list[str]:
+    "Docstrings of a module and of its public functions, classes and methods."
+    return [inspect.cleandoc(o.__doc__) for _, o in _documented(module_name)]
 
 def _license_texts():
     site = Path(sysconfig.get_paths()['purelib'])
@@ -83,3 +89,29 @@ def sample_texts(n: int | None = None, seed: int = 0) -> list[str]:
     if n is not None and n > len(texts):
         raise ValueError(f'asked for {n} texts, but this machine has only {len(texts)}')
     return texts[:n]
+
+# %% ../nbs/09_texts.ipynb #a80c8b98
+_NOT_IMPORTED = {'antigravity', 'this', 'idlelib', 'tkinter', 'turtle', 'turtledemo', 'lib2to3', 'ensurepip', 'pydoc_data',
+                 'venv', 'msilib', 'winreg', 'winsound', 'msvcrt', 'nt'}  # side effects on import, or not on Linux
+ALL_STDLIB_MODULES = tuple(m for m in sorted(sys.stdlib_module_names) if not m.startswith('_') and m not in _NOT_IMPORTED)
+
+def _summary_and_rest(doc: str) -> tuple[str, str]:
+    "A docstring's first sentence, and everything after it, each on one line."
+    first, *others = re.split(r'\n\s*\n', inspect.cleandoc(doc), maxsplit=1)
+    sentences = _SENTENCE_END.split(' '.join(first.split()), maxsplit=1)
+    return sentences[0], ' '.join(' '.join(sentences[1:] + others).split())
+
+def docstring_pairs(modules=ALL_STDLIB_MODULES) -> list[dict]:
+    """(query, document) rows from the documented functions and methods of `modules`: the query is a docstring's first
+    sentence, the document the name and signature and the rest of the docstring. Keys: module, name, query, document."""
+    rows, seen = [], set()
+    for module in modules:
+        for name, obj in _documented(module):
+            if not inspect.isfunction(obj): continue
+            query, rest = _summary_and_rest(obj.__doc__)
+            if len(query.split()) < 4 or len(rest.split()) < 5 or query in seen: continue
+            seen.add(query)
+            try: signature = str(inspect.signature(obj))
+            except (TypeError, ValueError): signature = '(...)'
+            rows.append(dict(module=module, name=name, query=query, document=f'{name[len(module) + 1:]}{signature}: {rest}'))
+    return rows
