@@ -11,7 +11,6 @@ import hashlib
 import math
 from dataclasses import MISSING, dataclass, field, fields
 from enum import Enum
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,7 +30,7 @@ __all__ = ['BATCH_SAMPLERS', 'MULTI_DATASET_SAMPLERS', 'LABEL_COLUMNS', 'DATASET
            'TrainingArguments', 'split_columns', 'prompt_for', 'as_labels', 'TextCollator', 'DefaultBatchSampler',
            'stable_hash', 'NoDuplicatesBatchSampler', 'GroupByLabelBatchSampler', 'DatasetMix',
            'RoundRobinBatchSampler', 'ProportionalBatchSampler', 'Objective', 'SpladeWarmupCallback', 'named_datasets',
-           'losses_for', 'check_dataset', 'hub_name', 'Trainer', 'non_default_arguments']
+           'losses_for', 'check_dataset', 'Trainer', 'non_default_arguments']
 
 # %% ../nbs/15_training.ipynb #126c22b2
 class TrainingInputError(ValueError):
@@ -320,12 +319,6 @@ def check_dataset(dataset, loss: nn.Module, name: str | None):
             raise TrainingInputError(f'{type(loss).__name__} takes no labels, and {where} has a {label!r} column; '
                                      'drop it with dataset.remove_columns([...])')
 
-
-def hub_name(path: str | None) -> str | None:
-    "A model's name for a card: a hub id as it is, a local folder by its last part."
-    if not path: return None
-    return Path(path).name if Path(path).exists() else path
-
 # %% ../nbs/15_training.ipynb #745ab4d4
 class Trainer(transformers.Trainer):
     "transformers' `Trainer` for infer's encoders and losses: batch samplers, several datasets, evaluators, saving."
@@ -431,7 +424,7 @@ class Trainer(transformers.Trainer):
     def model_card_data(self) -> ModelCardData:
         "What the model card records: the card data given, plus the datasets, losses, evaluations, arguments and log."
         card, losses = self.card_data, self.model.losses
-        base = card.base_model or hub_name(getattr(self.encoder.transformer.auto_model.config, '_name_or_path', None))
+        base = card.base_model or getattr(self.encoder.transformer.auto_model.config, '_name_or_path', None) or None
         datasets_info = [DatasetInfo(name or 'train', len(d), list(d.column_names), [d[i] for i in range(min(3, len(d)))],
                                      type(losses[name or SINGLE]).__name__, dict(getattr(losses[name or SINGLE], 'config', {})))
                          for name, d in self.train_parts.items()]
