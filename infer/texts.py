@@ -91,8 +91,9 @@ def sample_texts(n: int | None = None, seed: int = 0) -> list[str]:
     return texts[:n]
 
 # %% ../nbs/09_texts.ipynb #a80c8b98
+# side effects on import, not on Linux, or (pdb) altered inside a Jupyter kernel, which would change the pairs there
 _NOT_IMPORTED = {'antigravity', 'this', 'idlelib', 'tkinter', 'turtle', 'turtledemo', 'lib2to3', 'ensurepip', 'pydoc_data',
-                 'venv', 'msilib', 'winreg', 'winsound', 'msvcrt', 'nt'}  # side effects on import, or not on Linux
+                 'venv', 'msilib', 'winreg', 'winsound', 'msvcrt', 'nt', 'pdb'}
 ALL_STDLIB_MODULES = tuple(m for m in sorted(sys.stdlib_module_names) if not m.startswith('_') and m not in _NOT_IMPORTED)
 
 def _summary_and_rest(doc: str) -> tuple[str, str]:
