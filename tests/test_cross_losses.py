@@ -73,7 +73,8 @@ def value_and_gradients(loss, model, inputs, labels, seed):
     return value.item(), {k: p.grad.clone() for k, p in model.model.named_parameters() if p.grad is not None}
 
 def assert_parity(models, name, inputs, labels, num_labels=1, seed=0, st_kwargs=None, **kwargs):
-    "The infer loss `name` and sentence-transformers' agree in value (1e-5) and in every parameter's gradient (1e-4)."
+    """The infer loss `name` and sentence-transformers' agree in value (1e-5) and in every parameter's gradient (1e-4
+    relative, plus 1e-7 of the largest gradient for float32 rounding)."""
     ours_model, st_model = models[num_labels]
     ours, value = value_and_gradients(getattr(cl, name)(ours_model, **kwargs), ours_model, inputs, labels, seed)
     theirs, reference = value_and_gradients(getattr(st_losses, name)(st_model, **(st_kwargs or kwargs)), st_model, inputs, labels, seed)
@@ -87,7 +88,9 @@ def assert_parity(models, name, inputs, labels, num_labels=1, seed=0, st_kwargs=
             exact_zeros.add(param.split('.', 4)[-1] if '.layer.' in param else param)
             assert value[param].norm() < NOISE * largest, param
         else:
-            assert (value[param] - g).norm() / g.norm() <= 1e-4, (param, ((value[param] - g).norm() / g.norm()).item())
+            # 1e-4 relative, plus float32 rounding of terms the size of the largest gradient (a small gradient that
+            # is a sum of large cancelling terms, as a listwise loss's bias gradient is, carries that much)
+            assert (value[param] - g).norm() <= 1e-4 * g.norm() + 1e-7 * largest, (param, ((value[param] - g).norm() / g.norm()).item())
     assert exact_zeros <= {'attention.self.key.bias', 'classifier.bias'}, exact_zeros
     return ours
 
