@@ -4,6 +4,8 @@
     python benchmarks/moe.py                  # parity + timings, Mixtral-8x7B and Qwen3-30B-A3B layers, bf16
     python benchmarks/moe.py --tune           # time a grid of tile configs per shape and token count; print the best
     python benchmarks/moe.py --tokens 1 64 --shapes qwen3      # a subset
+    python benchmarks/moe.py --tune-rows --tokens 1 2 4 8 16  # the rows path (a few tokens) against the tiles
+    python benchmarks/moe.py --no-rows                        # the tiles path at every token count
 
 The anchor: `transformers`' `MixtralSparseMoeBlock` / `Qwen3MoeSparseMoeBlock` built from the model's config with
 random bf16 weights, in both of its experts implementations ('eager': the Python loop over experts hit;
@@ -131,10 +133,21 @@ def use_tuned(path: str):
                                              for T, b in by_T.items()}
 
 
+def use_tuned_rows(path: str):
+    "Replace infer's rows-path table with a --tune-rows run's best blocks, at the token counts where rows beat tiles."
+    M.H200_ROW_CONFIGS.clear()
+    for shape, by_T in json.load(open(path))['best'].items():
+        wins = {int(T): (b['up'], b['down']) for T, b in by_T.items() if b['rows_ms'] < b['tiles_ms']}
+        if wins: M.H200_ROW_CONFIGS[SHAPES[shape]] = wins
+
+
 def bench(args):
     if args.configs: use_tuned(args.configs)
+    if args.row_configs: use_tuned_rows(args.row_configs)
+    if args.no_rows: M.H200_ROW_CONFIGS.clear()
     results = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=M.triton.__version__,
-                   rows=[], quantized=[], configs={f'{k}': v for k, v in M.H200_MOE_CONFIGS.items()})
+                   rows=[], quantized=[], configs={f'{k}': v for k, v in M.H200_MOE_CONFIGS.items()},
+                   row_configs={f'{k}': v for k, v in M.H200_ROW_CONFIGS.items()})
     import transformers
     results['transformers'] = transformers.__version__
     g = torch.Generator(DEV).manual_seed(0)
@@ -349,9 +362,49 @@ def tune(args):
     save(results, args)
 
 
+@torch.no_grad()
+def tune_rows(args):
+    """The rows path (a few tokens, no alignment) against the tiles path, as whole expert calls (graph replays, router
+    left out), at each token count; with a grid of column blocks for each of its two kernels."""
+    results = dict(device=torch.cuda.get_device_name(), triton=M.triton.__version__, best={}, trials=[])
+    g = torch.Generator(DEV).manual_seed(2)
+    grid = list(itertools.product([8, 16, 32, 64], [128, 256, 512], [2, 4, 8]))
+    for shape in args.shapes:
+        E, H, I, k = SHAPES[shape]
+        w13, w2 = M.random_experts(E, H, I, torch.bfloat16, DEV, g)
+        for T in args.tokens:
+            xs = [torch.randn(T, H, generator=g, device=DEV).bfloat16() for _ in range(INPUT_SETS)]
+            routed = [M.route(torch.randn(T, E, generator=g, device=DEV), k, renormalize=True) for _ in xs]
+            hidden = [torch.randn(T * k, I, generator=g, device=DEV).bfloat16() for _ in xs]
+            up_out, down_out = torch.empty(T * k, I, dtype=torch.bfloat16, device=DEV), torch.empty(T, H, dtype=torch.bfloat16, device=DEV)
+            best = {}
+            for bn, bk, w in grid:
+                cfg = M._row_tiles(bn, bk, w)
+                launches = dict(up=lambda i: M._launch_gate_up_rows(xs[i], w13, up_out, None, routed[i][1], 'silu', cfg),
+                                down=lambda i: M._launch_down_rows(hidden[i], w2, down_out, None, routed[i][1],
+                                                                   routed[i][0], cfg))
+                for part, launch in launches.items():
+                    try: ms = kernel_ms(launch, INPUT_SETS)
+                    except Exception as e: ms = None
+                    results['trials'].append(dict(shape=shape, tokens=T, part=part, **cfg, ms=ms))
+                    if ms is not None and ms < best.get(part, (float('inf'),))[0]: best[part] = (ms, cfg)
+            config = (best['up'][1], best['down'][1])
+            rows_ms = kernel_ms(lambda i: M.fused_experts_triton(xs[i], w13, w2, *routed[i], path='rows', config=config), INPUT_SETS)
+            tiles_ms = kernel_ms(lambda i: M.fused_experts_triton(xs[i], w13, w2, *routed[i], path='tiles'), INPUT_SETS)
+            floor_ms, touched = roofline_ms(shape, T, [ids for _, ids in routed])
+            results['best'].setdefault(shape, {})[T] = dict(up=config[0], down=config[1], rows_ms=rows_ms, tiles_ms=tiles_ms,
+                                                            floor_ms=floor_ms, up_ms=best['up'][0], down_ms=best['down'][0])
+            print(f'{shape:8s} T={T:3d}  rows {rows_ms * 1e3:6.1f} us (up {best["up"][0] * 1e3:.1f} {config[0]}, down '
+                  f'{best["down"][0] * 1e3:.1f} {config[1]})  tiles {tiles_ms * 1e3:6.1f} us  floor {floor_ms * 1e3:5.1f} us',
+                  flush=True)
+            save(results, args)
+    save(results, args)
+
+
 if __name__ == '__main__':
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--tune', action='store_true', help='time a grid of tile configs instead of the benchmark')
+    p.add_argument('--tune-rows', action='store_true', help='time the rows path (a grid of its blocks) against the tiles')
     p.add_argument('--shapes', nargs='+', default=list(SHAPES), choices=list(SHAPES))
     p.add_argument('--tokens', nargs='+', type=int, default=list(TOKENS))
     p.add_argument('--iters', type=int, default=50)
@@ -360,6 +413,8 @@ if __name__ == '__main__':
     p.add_argument('--json', help='file name under $OUT for the results')
     p.add_argument('--configs', help="a --tune run's JSON: time with its best tiles instead of infer's table")
     p.add_argument('--no-tma', action='store_true', help='read the weights through pointers even on Hopper')
+    p.add_argument('--row-configs', help="a --tune-rows run's JSON: the rows path's blocks instead of infer's table")
+    p.add_argument('--no-rows', action='store_true', help='the tiles path at every token count')
     args = p.parse_args()
     if args.no_tma: M._tma_ready = lambda a, b: False
-    tune(args) if args.tune else bench(args)
+    tune_rows(args) if args.tune_rows else tune(args) if args.tune else bench(args)

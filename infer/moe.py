@@ -20,10 +20,11 @@ except ImportError:    # an older Triton, or none: the weights are read through 
     TensorDescriptor = None
 
 # %% auto #0
-__all__ = ['SCORINGS', 'ACTIVATIONS', 'QUANT_DTYPES', 'ONE_PROGRAM_PAIRS', 'H200_MOE_CONFIGS', 'MoEError', 'route',
-           'softmax_topk_triton', 'activate', 'experts_reference', 'max_padded_rows', 'align_reference', 'align_triton',
-           'combine_triton', 'moe_config', 'fused_experts_triton', 'fused_experts', 'rel_err', 'random_experts',
-           'SparseMoE', 'quantize_experts', 'quantize_layer_']
+__all__ = ['SCORINGS', 'ACTIVATIONS', 'QUANT_DTYPES', 'ONE_PROGRAM_PAIRS', 'DEFAULT_ROW_CONFIG', 'H200_MOE_CONFIGS',
+           'H200_ROW_CONFIGS', 'MoEError', 'route', 'softmax_topk_triton', 'activate', 'experts_reference',
+           'max_padded_rows', 'align_reference', 'align_triton', 'combine_triton', 'fused_experts_rows', 'row_config',
+           'moe_config', 'fused_experts_triton', 'fused_experts', 'rel_err', 'random_experts', 'SparseMoE',
+           'quantize_experts', 'quantize_layer_']
 
 # %% ../nbs/26_moe.ipynb #aad87899
 class MoEError(ValueError):
@@ -419,6 +420,97 @@ def combine_triton(rows: torch.Tensor, top_k: int) -> torch.Tensor:
                                                   BY_HAND=_round_by_hand(rows.dtype), num_warps=4)
     return out
 
+# %% ../nbs/26_moe.ipynb #68894377
+@kernel
+def _gate_up_rows_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, ids_ptr, num_experts, N, K, stride_xt, stride_we, stride_wn,
+                         stride_se, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         ACTIVATION: tl.constexpr, SCALED: tl.constexpr, EVEN_K: tl.constexpr, BY_HAND: tl.constexpr):
+    pair = tl.program_id(0).to(tl.int64)
+    expert = tl.load(ids_ptr + pair).to(tl.int64)
+    if (expert < 0) | (expert >= num_experts): return       # routed elsewhere: the down kernel skips the pair
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + (pair // TOP_K) * stride_xt + ks
+    w_ptrs = w_ptr + expert * stride_we + cols[:, None] * stride_wn + ks[None, :]
+    gate = tl.zeros([BLOCK_N], dtype=tl.float32)
+    up = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = (ks < K - k0) | EVEN_K
+        x = tl.load(x_ptrs, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+        w_ok = (cols < N)[:, None] & k_ok[None, :]
+        gate += tl.sum(tl.load(w_ptrs, mask=w_ok, other=0.0).to(tl.float32) * x, axis=1)
+        up += tl.sum(tl.load(w_ptrs + N * stride_wn, mask=w_ok, other=0.0).to(tl.float32) * x, axis=1)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    if SCALED:
+        gate *= tl.load(scale_ptr + expert * stride_se + cols, mask=cols < N, other=0.0)
+        up *= tl.load(scale_ptr + expert * stride_se + N + cols, mask=cols < N, other=0.0)
+    out = _activation(gate, ACTIVATION) * up
+    tl.store(out_ptr + pair * N + cols, _cast(out, out_ptr.dtype.element_ty, BY_HAND), mask=cols < N)
+
+
+@kernel
+def _down_rows_kernel(h_ptr, w_ptr, out_ptr, scale_ptr, ids_ptr, weights_ptr, num_experts, N, K, stride_we, stride_wn,
+                      stride_se, TOP_K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      SCALED: tl.constexpr, EVEN_K: tl.constexpr, BY_HAND: tl.constexpr):
+    token = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    pairs = token * TOP_K + tl.arange(0, K_PAD)            # the token's k experts at once: their loads all in flight
+    experts = tl.load(ids_ptr + pairs, mask=tl.arange(0, K_PAD) < TOP_K, other=-1).to(tl.int64)
+    valid = (experts >= 0) & (experts < num_experts)        # the others are routed elsewhere: nothing to add
+    rows_ok = valid[:, None, None] & (cols < N)[None, :, None]
+    h_ptrs = h_ptr + pairs[:, None] * K + ks[None, :]
+    w_ptrs = w_ptr + tl.where(valid, experts, 0)[:, None, None] * stride_we + cols[None, :, None] * stride_wn + ks[None, None, :]
+    acc = tl.zeros([K_PAD, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = (ks < K - k0) | EVEN_K
+        h = tl.load(h_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        w = tl.load(w_ptrs, mask=rows_ok & k_ok[None, None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(w * h[:, None, :], axis=2)
+        h_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    if SCALED: acc *= tl.load(scale_ptr + tl.where(valid, experts, 0)[:, None] * stride_se + cols[None, :],
+                              mask=valid[:, None] & (cols < N)[None, :], other=0.0)
+    weights = tl.load(weights_ptr + pairs, mask=valid, other=0.0)
+    total = tl.sum(acc * weights[:, None], axis=0)
+    tl.store(out_ptr + token * N + cols, _cast(total, out_ptr.dtype.element_ty, BY_HAND), mask=cols < N)
+
+
+def _row_tiles(block_n, block_k, num_warps) -> dict: return dict(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
+
+DEFAULT_ROW_CONFIG = (_row_tiles(16, 128, 8), _row_tiles(8, 256, 4))   # the H200's winners at one token, roughly
+
+
+def _launch_gate_up_rows(x, w13, hidden, scale, ids, activation: str, config: dict):
+    (E, I2, H), k, cfg = w13.shape, ids.shape[1], dict(config)
+    _gate_up_rows_kernel[(ids.numel(), triton.cdiv(I2 // 2, cfg['BLOCK_N']))](
+        x, w13, hidden, scale if scale is not None else w13, ids, E, I2 // 2, H, x.stride(0), w13.stride(0),
+        w13.stride(1), scale.stride(0) if scale is not None else 0, TOP_K=k, ACTIVATION=activation,
+        SCALED=scale is not None, EVEN_K=H % cfg['BLOCK_K'] == 0, BY_HAND=_round_by_hand(hidden.dtype), **cfg)
+
+
+def _launch_down_rows(hidden, w2, out, scale, ids, weights, config: dict):
+    (E, H, I), (T, k), cfg = w2.shape, ids.shape, dict(config)
+    _down_rows_kernel[(T, triton.cdiv(H, cfg['BLOCK_N']))](
+        hidden, w2, out, scale if scale is not None else w2, ids, weights, E, H, I, w2.stride(0), w2.stride(1),
+        scale.stride(0) if scale is not None else 0, TOP_K=k, K_PAD=triton.next_power_of_2(k), SCALED=scale is not None,
+        EVEN_K=I % cfg['BLOCK_K'] == 0,
+        BY_HAND=_round_by_hand(out.dtype), **cfg)
+
+
+def fused_experts_rows(x, w13, w2, weights, ids, activation: str = 'silu', w13_scale=None, w2_scale=None,
+                       config: tuple[dict, dict] | None = None) -> torch.Tensor:
+    "`fused_experts_triton` for a few tokens: two launches, each pair's row multiplied as it is, no alignment."
+    (T, H), (E, I2, _), k = x.shape, w13.shape, ids.shape[1]
+    up_cfg, down_cfg = config or row_config(E, H, I2 // 2, T, k) or DEFAULT_ROW_CONFIG
+    ids, weights = ids.contiguous(), weights.float().contiguous()
+    hidden = torch.empty(T * k, I2 // 2, dtype=x.dtype, device=x.device)          # in pair order
+    _launch_gate_up_rows(x, w13, hidden, w13_scale, ids, activation, up_cfg)
+    out = torch.empty(T, H, dtype=x.dtype, device=x.device)
+    _launch_down_rows(hidden, w2, out, w2_scale, ids, weights, down_cfg)
+    return out
+
 # %% ../nbs/26_moe.ipynb #4782ca78
 def _tile(block_m, block_n, block_k, group_m, num_warps, num_stages) -> dict:
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, num_warps=num_warps,
@@ -450,6 +542,23 @@ def _default_configs(rows_per_expert: float) -> tuple[dict, dict]:
     if rows_per_expert <= 16: return _tile(16, 64, 128, 1, 4, 3), _tile(16, 64, 128, 1, 4, 3)
     if rows_per_expert <= 128: return _tile(64, 64, 64, 8, 4, 3), _tile(64, 128, 64, 8, 4, 3)
     return _tile(128, 128, 64, 8, 8, 3), _tile(128, 256, 64, 8, 8, 3)
+
+
+H200_ROW_CONFIGS: dict = {   # (experts, hidden, intermediate, top_k): {tokens: (gate_up, down)} for the rows path
+    (128, 2048, 768, 8): {   # qwen3: rows beat tiles up to 4 tokens (experts alone: 28 against 30 us at 1, 41 against 50 at 2)
+        1: (_row_tiles(16, 128, 8), _row_tiles(8, 512, 4)),
+        2: (_row_tiles(16, 128, 8), _row_tiles(8, 256, 2)),
+        4: (_row_tiles(8, 256, 8), _row_tiles(32, 128, 8)),
+    },
+}   # mixtral: tiles win at every count (170 against 176 us at 1 token), so it has no entry
+
+
+def row_config(num_experts: int, hidden: int, intermediate: int, tokens: int, top_k: int) -> tuple[dict, dict] | None:
+    """Column blocks `(gate_up, down)` of the rows path at `tokens` tokens, for a shape where tuning found it faster
+    than the tiles at that count; None elsewhere (the tiles path)."""
+    tuned = H200_ROW_CONFIGS.get((num_experts, hidden, intermediate, top_k), {})
+    fits = [t for t in tuned if t >= tokens]
+    return tuned[min(fits)] if fits else None
 
 
 def moe_config(num_experts: int, hidden: int, intermediate: int, tokens: int, top_k: int) -> tuple[dict, dict]:
@@ -491,18 +600,26 @@ def _launch(a, b, out, scale, weights, aligned, N, K, num_pairs, a_row_div, conf
 
 def fused_experts_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
                          ids: torch.Tensor, activation: str = 'silu', w13_scale: torch.Tensor | None = None,
-                         w2_scale: torch.Tensor | None = None, config: tuple[dict, dict] | None = None) -> torch.Tensor:
-    """`experts_reference` as Triton kernels (align, gate-and-up, down, combine) with no sync. `config`: the
-    `(gate_up, down)` tile configs, for tuning (default `moe_config`); both must share `BLOCK_M`."""
+                         w2_scale: torch.Tensor | None = None, config: tuple[dict, dict] | None = None,
+                         path: str | None = None) -> torch.Tensor:
+    """`experts_reference` as Triton kernels with no sync: tiles (align, gate-and-up, down, combine) or, for a few
+    tokens, rows (`fused_experts_rows`). `path`: 'tiles', 'rows', or None for rows where `row_config` has blocks.
+    `config`: that path's `(gate_up, down)` configs, for tuning (default `moe_config` / `row_config`); the tiles'
+    must share `BLOCK_M`."""
     _check_experts(x, w13, w2, weights, ids, activation, w13_scale, w2_scale, 'fused_experts', KERNEL_DTYPES)
+    if path not in (None, 'tiles', 'rows'): _fail(f"fused_experts: path is 'tiles', 'rows' or None, not {path!r}")
     (T, H), (E, I2, _), k = x.shape, w13.shape, ids.shape[1]
     I = I2 // 2
-    up_cfg, down_cfg = config or moe_config(E, H, I, T, k)
-    if up_cfg['BLOCK_M'] != down_cfg['BLOCK_M']:
+    tuned_rows = row_config(E, H, I, T, k)
+    rows = path == 'rows' or (path is None and tuned_rows is not None)
+    if config is None: config = (tuned_rows or DEFAULT_ROW_CONFIG) if rows else moe_config(E, H, I, T, k)
+    up_cfg, down_cfg = config
+    if not rows and up_cfg['BLOCK_M'] != down_cfg['BLOCK_M']:
         _fail(f'fused_experts: both configs must share BLOCK_M (one alignment), got {up_cfg["BLOCK_M"]} and '
               f'{down_cfg["BLOCK_M"]}')
     if T == 0: return torch.empty_like(x)
     x, w13, w2 = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, w13, w2))
+    if rows: return fused_experts_rows(x, w13, w2, weights, ids, activation, w13_scale, w2_scale, (up_cfg, down_cfg))
     weights = weights.float().contiguous()
     aligned = align_triton(ids, E, up_cfg['BLOCK_M'])
     hidden = torch.empty(aligned[0].shape[0], I, dtype=x.dtype, device=x.device)      # in sorted order

@@ -497,6 +497,61 @@ def test_moe_config(monkeypatch):
     assert rel_err(fused_experts_triton(x, w13, w2, weights, ids), reference64(x, w13, w2, weights, ids)) < 1e-5
 
 
+
+# ------------------------------------------------------------------------------------------------- the rows path
+
+@pytest.mark.parametrize('T, E, H, I, k, activation, dtype, elsewhere', [
+    (1, 8, 32, 48, 2, 'silu', torch.float32, 0.0),
+    (1, 16, 64, 40, 8, 'silu', torch.bfloat16, 0.0),
+    (2, 8, 40, 36, 3, 'gelu', torch.float32, 0.0),             # k not a power of two; sizes no block divides
+    (3, 4, 16, 16, 4, 'gelu_tanh', torch.float16, 0.0),        # top_k == number of experts
+    (4, 8, 32, 48, 2, 'silu', torch.float32, 0.4),             # pairs routed elsewhere
+    (9, 8, 64, 40, 4, 'gelu', torch.bfloat16, 0.2),
+], ids=str)
+def test_rows_path_matches_reference(T, E, H, I, k, activation, dtype, elsewhere):
+    x = randn(T, H, seed=T + H, dtype=dtype)
+    w13, w2 = experts(E, H, I, dtype, seed=E + I)
+    weights, ids = random_routing(T, E, k, 'sigmoid' if 2 * k <= E else 'softmax', seed=T)   # grouped: half the experts
+    ids[torch.rand(T, k, generator=gen(T)).to(DEVICE) < elsewhere] = -1
+    ref = reference64(x, w13, w2, weights, ids, activation)
+    rows = fused_experts_triton(x, w13, w2, weights, ids, activation, path='rows')
+    assert rows.shape == (T, H) and rows.dtype == dtype and not rows.isnan().any()
+    assert rel_err(rows, ref) < TOL[dtype], f'relative error {rel_err(rows, ref):.2e}'
+    for blocks in ((moe._row_tiles(8, 16, 2), moe._row_tiles(16, 32, 4)), (moe._row_tiles(64, 64, 4), moe._row_tiles(4, 128, 1))):
+        out = fused_experts_triton(x, w13, w2, weights, ids, activation, config=blocks, path='rows')
+        assert rel_err(out, ref) < TOL[dtype], (blocks, rel_err(out, ref))
+
+
+def test_rows_path_int8_experts_and_a_token_routed_away():
+    T, E, H, I, k = 3, 8, 32, 48, 2
+    x = randn(T, H, seed=5)
+    w13, w2 = experts(E, H, I, torch.float32, seed=6)
+    (q13, s13), (q2, s2) = quantize_experts(w13), quantize_experts(w2)
+    weights, ids = random_routing(T, E, k, seed=7)
+    ids[1] = -1
+    ids[2, 0] = E                                             # an id past the layer: another rank's expert
+    out = fused_experts_triton(x, q13, q2, weights, ids, 'silu', s13, s2, path='rows')
+    assert (out[1] == 0).all()
+    assert rel_err(out, experts_reference(x, q13, q2, weights, ids.masked_fill(ids >= E, -1), 'silu', s13, s2)) < 1e-5
+
+
+def test_row_config_picks_the_rows_path_where_tuned(monkeypatch):
+    "A shape in the table takes rows up to its largest token count and tiles beyond; other shapes take tiles."
+    blocks = (moe._row_tiles(16, 32, 2), moe._row_tiles(8, 32, 2))
+    monkeypatch.setitem(moe.H200_ROW_CONFIGS, (8, 32, 48, 2), {1: blocks, 4: blocks})
+    assert moe.row_config(8, 32, 48, 3, 2) == blocks and moe.row_config(8, 32, 48, 5, 2) is None
+    assert moe.row_config(8, 64, 48, 1, 2) is None
+    x, (w13, w2) = randn(4, 32, seed=1), experts(8, 32, 48, torch.float32)
+    weights, ids = random_routing(4, 8, 2)
+    calls = []
+    monkeypatch.setattr(moe, 'fused_experts_rows', lambda *a: calls.append(a[-1]) or torch.zeros(4, 32))
+    fused_experts_triton(x, w13, w2, weights, ids)
+    assert calls == [blocks]
+    fused_experts_triton(x, w13, w2, weights, ids, path='tiles')
+    assert len(calls) == 1
+    with pytest.raises(MoEError, match="path is 'tiles', 'rows' or None"):
+        fused_experts_triton(x, w13, w2, weights, ids, path='columns')
+
 # ------------------------------------------------------------------------------------------------- int8 experts
 
 def test_quantize_experts_within_half_a_step():
