@@ -287,12 +287,13 @@ def named_datasets(data) -> dict[str | None, object]:
 
 
 def losses_for(loss, names: list[str | None]) -> dict[str | None, nn.Module]:
-    "The loss of each named dataset: one loss for all, or a dict with a loss per dataset name."
+    "The loss of each named dataset (training and evaluation): one loss for all, or a dict with a loss per dataset name."
     if loss is None:
         raise TrainingInputError('give the trainer a loss, e.g. loss=MultipleNegativesRankingLoss(model) for (anchor, positive) pairs')
     if not isinstance(loss, dict): return {name: loss for name in names}
-    if names == [None]:
-        raise TrainingInputError(f'a dict of losses {list(loss)} needs a dict of datasets with the same names')
+    if None in names:
+        raise TrainingInputError(f'a dict of losses {list(loss)} picks a loss by dataset name: give the datasets as '
+                                 '{name: dataset} with those names, the evaluation datasets too')
     missing = [n for n in names if n not in loss]
     if missing: raise TrainingInputError(f'no loss for the datasets {missing}; the losses are for {list(loss)}')
     return {name: loss[name] for name in names}
@@ -329,13 +330,9 @@ class Trainer(transformers.Trainer):
         if not isinstance(args, TrainingArguments):
             raise TrainingInputError('give infer.training.TrainingArguments (transformers\' arguments plus the batch samplers)')
         train, evaluation = named_datasets(train_dataset), named_datasets(eval_dataset)
-        if train and evaluation and None not in train and None not in evaluation and set(evaluation) - set(train):
-            raise TrainingInputError(f'the evaluation datasets {sorted(set(evaluation) - set(train))} have no training dataset '
-                                     'of the same name, and so no loss')
-        names = list(train or evaluation or {None: None})
-        losses = losses_for(loss, names)
+        losses = losses_for(loss, list(dict.fromkeys([*train, *evaluation])) or [None])
         for part in (train, evaluation):
-            for name, dataset in part.items(): check_dataset(dataset, losses[name if name in losses else names[0]], name)
+            for name, dataset in part.items(): check_dataset(dataset, losses[name], name)
         self.encoder, self.train_parts, self.eval_parts = model, train, evaluation
         self.evaluators = evaluator if isinstance(evaluator, (list, tuple)) else [] if evaluator is None else [evaluator]
         self.evaluator_metrics, self.card_data = {}, model_card_data or ModelCardData()

@@ -140,6 +140,15 @@ def test_eval_loss_is_the_loss_of_the_evaluation_data(folder, tmp_path):
     assert abs(metrics['eval_loss'] - want) < 1e-5
 
 
+def test_named_evaluation_datasets_share_the_one_loss(folder, tmp_path):
+    model = SentenceEncoder(folder)
+    run = Trainer(model, TrainingArguments(output_dir=str(tmp_path / 'run'), per_device_eval_batch_size=16, **QUIET),
+                  train_dataset=pairs(), eval_dataset={'x': pairs(16, offset=40), 'y': pairs(16, offset=60)},
+                  loss=MultipleNegativesRankingLoss(model))
+    metrics = run.evaluate()
+    assert {'eval_x_loss', 'eval_y_loss'} <= set(metrics) and metrics['eval_x_loss'] != metrics['eval_y_loss']
+
+
 def test_prompts_reach_the_model(folder, tmp_path):
     "A prompt before the anchors changes the step; the same prompt written into the data takes the same step."
     prompted, written = SentenceEncoder(folder), SentenceEncoder(folder)
@@ -192,8 +201,8 @@ def test_cross_encoder_training_matches_sentence_transformers(tmp_path):
 
 def test_bad_input_is_refused_before_training(folder, tmp_path):
     model = SentenceEncoder(folder)
-    with pytest.raises(TrainingInputError, match='evaluation datasets'):
-        Trainer(model, train_dataset={'a': pairs()}, eval_dataset={'b': pairs()}, loss=MultipleNegativesRankingLoss(model))
+    with pytest.raises(TrainingInputError, match=r"no loss for the datasets \['b'\]"):
+        Trainer(model, train_dataset={'a': pairs()}, eval_dataset={'b': pairs()}, loss={'a': MultipleNegativesRankingLoss(model)})
     with pytest.raises(TrainingInputError, match='takes no labels'):
         Trainer(model, train_dataset=pairs().add_column('label', [1] * 32), loss=MultipleNegativesRankingLoss(model))
     with pytest.raises(TrainingInputError, match='dots'):
