@@ -86,15 +86,13 @@ def main():
     import transformers
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
-    if args.device == 'cpu': torch.set_num_threads(torch.get_num_threads())
     sync = torch.cuda.synchronize if args.device.startswith('cuda') else (lambda: None)
 
+    from infer.encoder import minilm_path
     tmp = Path(tempfile.mkdtemp())
     if args.shape:
-        from infer.encoder import minilm_path
         folder = random_model_folder('dense', args.shape, Path(args.tokenizer) if args.tokenizer else minilm_path(), tmp / args.shape)
     else:
-        from infer.encoder import minilm_path
         folder = minilm_path()
     rows = args.batch * (args.warmup + args.steps)
     passages = texts_for(rows)

@@ -604,14 +604,14 @@ def fused_experts_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, w
                          path: str | None = None) -> torch.Tensor:
     """`experts_reference` as Triton kernels with no sync: tiles (align, gate-and-up, down, combine) or, for a few
     tokens, rows (`fused_experts_rows`). `path`: 'tiles', 'rows', or None for rows where `row_config` has blocks.
-    `config`: that path's `(gate_up, down)` configs, for tuning (default `moe_config` / `row_config`); the tiles'
-    must share `BLOCK_M`."""
+    `config`: that path's `(gate_up, down)` configs, for tuning (default `moe_config` / `row_config`); given without
+    a path, they are the tiles' and must share `BLOCK_M`."""
     _check_experts(x, w13, w2, weights, ids, activation, w13_scale, w2_scale, 'fused_experts', KERNEL_DTYPES)
     if path not in (None, 'tiles', 'rows'): _fail(f"fused_experts: path is 'tiles', 'rows' or None, not {path!r}")
     (T, H), (E, I2, _), k = x.shape, w13.shape, ids.shape[1]
     I = I2 // 2
     tuned_rows = row_config(E, H, I, T, k)
-    rows = path == 'rows' or (path is None and tuned_rows is not None)
+    rows = path == 'rows' or (path is None and config is None and tuned_rows is not None)
     if config is None: config = (tuned_rows or DEFAULT_ROW_CONFIG) if rows else moe_config(E, H, I, T, k)
     up_cfg, down_cfg = config
     if not rows and up_cfg['BLOCK_M'] != down_cfg['BLOCK_M']:

@@ -120,9 +120,14 @@ class DefaultBatchSampler:
 
     def set_epoch(self, epoch: int): self.epoch = epoch
 
-    def order(self) -> np.ndarray:
-        "This epoch's order of the rows, and on to the next epoch."
+    def epoch_rng(self) -> np.random.Generator:
+        "This epoch's random generator, and on to the next epoch."
         rng, self.epoch = np.random.default_rng([self.seed, self.epoch]), self.epoch + 1
+        return rng
+
+    def order(self) -> np.ndarray:
+        "This epoch's order of the rows."
+        rng = self.epoch_rng()
         return rng.permutation(self.num_rows) if self.shuffle else np.arange(self.num_rows)
 
     def batches(self, order: np.ndarray):
@@ -164,7 +169,7 @@ class NoDuplicatesBatchSampler(DefaultBatchSampler):
 
 class GroupByLabelBatchSampler(DefaultBatchSampler):
     """Random batches made of pairs of rows with the same label, so each label of a batch appears at least twice (what
-    the batch-mining triplet losses need). A label's odd row out is left for the next epoch."""
+    the batch-mining triplet losses need). A label with an odd number of rows leaves a random one out of each epoch."""
     def __init__(self, labels: list, batch_size: int, drop_last: bool = False, seed: int = 0, offset: int = 0):
         if batch_size < 2 or batch_size % 2:
             raise TrainingInputError(f'group_by_label fills batches with pairs of rows: batch_size must be even, not {batch_size}')
@@ -175,7 +180,7 @@ class GroupByLabelBatchSampler(DefaultBatchSampler):
             raise TrainingInputError('group_by_label needs labels that appear at least twice in the dataset; every label here is unique')
 
     def order(self) -> np.ndarray:
-        rng, self.epoch = np.random.default_rng([self.seed, self.epoch]), self.epoch + 1
+        rng = self.epoch_rng()
         pairs = [rows[i:i + 2] for rows in map(rng.permutation, self.groups.values()) for i in range(0, len(rows) - 1, 2)]
         return np.concatenate([pairs[i] for i in rng.permutation(len(pairs))])
 

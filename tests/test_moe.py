@@ -549,6 +549,11 @@ def test_row_config_picks_the_rows_path_where_tuned(monkeypatch):
     assert calls == [blocks]
     fused_experts_triton(x, w13, w2, weights, ids, path='tiles')
     assert len(calls) == 1
+    tiles = (cfg(16, 32, 32, 1), cfg(16, 32, 32, 1))           # a config without a path is the tiles'
+    monkeypatch.undo()
+    monkeypatch.setitem(moe.H200_ROW_CONFIGS, (8, 32, 48, 2), {4: blocks})
+    out = fused_experts_triton(x, w13, w2, weights, ids, config=tiles)
+    assert rel_err(out, reference64(x, w13, w2, weights, ids)) < 1e-5
     with pytest.raises(MoEError, match="path is 'tiles', 'rows' or None"):
         fused_experts_triton(x, w13, w2, weights, ids, path='columns')
 
