@@ -76,20 +76,23 @@ class PrefixCache:
 
     def insert(self, request, blocks: list, start: int, end: int, serial: int) -> int | None:
         "Cache `request`'s full blocks `start:end`, chained after `serial`; the new chain serial, or None after a collision."
-        hashes, bs, all_tokens, entries = request.block_hashes, self.block_size, request.all_token_ids, self.entries
-        hash_fn, serials, live, known = self.hash_fn, self._serials, self.live_serials, len(hashes)
+        hashes, bs, entries, live = request.block_hashes, self.block_size, self.entries, self.live_serials
+        hash_fn, serials, known = self.hash_fn, self._serials, len(hashes)
         plain = not getattr(request, 'mm_positions', ())       # then only block 0 can have extra keys
-        for i in range(start, end):
-            tokens = tuple(all_tokens[i * bs:(i + 1) * bs])
+        default_hash = hash_fn is hash_block                    # then hash inline, without a call per block
+        parent = hashes[start - 1] if start else None
+        chunks = zip(*[iter(request.all_token_ids[start * bs:end * bs])] * bs)   # each block's tokens as a tuple, no list between
+        for i, tokens in zip(range(start, end), chunks):
             extra = () if i and plain else block_extra_keys(request, i, bs)
             if i < known: h = hashes[i]
             else:
-                h = hash_fn(hashes[i - 1] if i else None, tokens, extra)
+                h = hash((parent, tokens, extra)) if default_hash else hash_fn(parent, tokens, extra)
                 hashes.append(h)
+            parent = h
             cached = entries.get(h)
             if cached is not None and not self._same(cached, serial, tokens, extra):
                 orphan = (cached.token_ids == tokens and cached.extra_keys == extra     # only the parent differs,
-                          and cached.parent_serial not in self.live_serials and cached.ref_count == 0)   # and it is gone
+                          and cached.parent_serial not in live and cached.ref_count == 0)   # and it is gone
                 if not orphan: return None                            # a collision: stop caching this request
                 self.evict(cached)                                    # an unheld orphan: its parent was evicted
                 cached = None
