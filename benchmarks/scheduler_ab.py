@@ -8,8 +8,9 @@ The old commit's `infer/` is extracted with `git archive` into a temporary folde
 (its imports are relative), so both versions load side by side. The workload is `scheduler.py`'s: 256 requests
 decoding, 1,024 waiting, prompts of 64..512 tokens, prefix caching on. The two schedulers take turns, 32 decode
 steps at a time (the garbage collector run and frozen, untimed, before each turn); medians of this thread's CPU
-time per step. At the end each registers the blocks its running requests filled while decoding (the deferred work
-of `KVCacheManager.grow`), timed per block and counted per step at one block per 16 requests.
+time per step. At the end each does what `free` does with the blocks its running requests filled while decoding (the
+deferred work of `KVCacheManager.grow`: registering them, or, from session 10 on, filing them as a pending tail),
+timed per block and counted per step at one block per 16 requests.
 """
 import argparse
 import gc
@@ -72,11 +73,14 @@ def main():
     print(f'{args.running} running, {args.waiting} waiting; medians over {steps} decode steps each, CPU time, µs per step')
     print(f"{'':5} {'schedule':>9} {'update':>9} {'deferred':>9} {'all':>9}")
     for name, s in sides.items():
-        kv, spent, before = s.kv, 0.0, len(s.kv.prefix_cache.entries)
+        kv, spent, blocks = s.kv, 0.0, 0
+        register = getattr(kv, '_defer_full_blocks', None) or kv._cache_full_blocks    # what `free` does in that version
         gc.collect(); gc.freeze()
         for r in list(s.running):
-            a = clock(); kv._cache_full_blocks(r, kv.held[r.request_id], min(r.num_computed_tokens, r.num_tokens)); spent += clock() - a
-        deferred = 1e6 * spent / (len(kv.prefix_cache.entries) - before) * args.running / 16
+            held, n = kv.held[r.request_id], min(r.num_computed_tokens, r.num_tokens)
+            blocks += n // 16 - held.num_cached
+            a = clock(); register(r, held, n); spent += clock() - a
+        deferred = 1e6 * spent / blocks * args.running / 16
         sched, upd = (1e6 * statistics.median(t) for t in times[name])
         print(f'{name:5} {sched:9.1f} {upd:9.1f} {deferred:9.1f} {sched + upd + deferred:9.1f}')
 

@@ -34,8 +34,11 @@ class Block:
     parent_serial: int = 0
     token_ids: tuple = ()
     extra_keys: tuple = ()
+    tail: object = None            # the freed request's pending tail it waits in, unregistered (see the prefix-cache notebook)
 
-    def __repr__(self): return f'Block({self.block_id}, refs={self.ref_count}{", cached" if self.hash is not None else ""})'
+    def __repr__(self):
+        state = ', cached' if self.hash is not None else ', pending' if self.tail is not None else ''
+        return f'Block({self.block_id}, refs={self.ref_count}{state})'
 
 # %% ../nbs/20_paging.ipynb #5cbe90fc
 class FreeBlockQueue:
@@ -114,7 +117,7 @@ class BlockPool:
         if n > len(self.free): raise CacheError(f'asked for {n} blocks, {len(self.free)} are free: check num_free first')
         blocks = self.free.popleft(n)
         for b in blocks:
-            if b.hash is not None: self.on_evict(b)
+            if b.hash is not None or b.tail is not None: self.on_evict(b)
             b.ref_count = 1
         return blocks
 
@@ -127,7 +130,7 @@ class BlockPool:
         "One holder fewer for each of `blocks`, in order; blocks nobody holds go back to the free queue."
         for b in blocks:
             b.ref_count -= 1
-            if b.ref_count == 0: (self.free.append if b.hash is not None else self.free.appendleft)(b)
+            if b.ref_count == 0: (self.free.append if b.hash is not None or b.tail is not None else self.free.appendleft)(b)
 
 # %% ../nbs/20_paging.ipynb #0f9680cb
 @dataclass(frozen=True)
@@ -389,15 +392,22 @@ def _cache_full_blocks(self: KVCacheManager, request, held: HeldBlocks, num_toke
     held.num_cached = end
 
 @patch
+def _defer_full_blocks(self: KVCacheManager, request, held: HeldBlocks, num_tokens: int):
+    "Leave `request`'s unregistered full blocks (of its first `num_tokens` tokens) to the prefix cache, to register if looked up."
+    end = num_tokens // self.block_size
+    if self.prefix_cache is None or held.serial is None or end <= held.num_cached: return
+    self.prefix_cache.defer(request, held.blocks, held.num_cached, end, held.serial)
+
+@patch
 def free(self: KVCacheManager, request) -> None:
     """Give back everything `request` (a request, or its id) holds, on the device or in CPU memory. Its full
-    computed blocks are registered with the prefix cache first (given a request), so they stay findable."""
+    computed blocks stay findable by the prefix cache (given a request): those not registered yet are left to it."""
     rid = request if isinstance(request, str) else request.request_id
     if (swapped := self.swapped.pop(rid, None)) is not None:
         self.num_free_cpu_blocks += swapped.num_blocks
         return
     held = self._held(rid)
-    if not isinstance(request, str): self._cache_full_blocks(request, held, min(request.num_computed_tokens, request.num_tokens))
+    if not isinstance(request, str): self._defer_full_blocks(request, held, min(request.num_computed_tokens, request.num_tokens))
     self.pool.release(reversed(self._drop_held(rid).blocks))
 
 # %% ../nbs/20_paging.ipynb #f60d24b0
@@ -495,7 +505,7 @@ def swap_in(self: KVCacheManager, request, num_new_tokens: int = 0) -> bool:
 def stats(self: KVCacheManager) -> CacheStats:
     "Blocks in use, cached and free, and the prefix-cache hit rate."
     in_use = self.pool.num_usable - self.pool.num_free
-    cached = sum(b.hash is not None for b in self.pool.free)
+    cached = sum(b.hash is not None or b.tail is not None for b in self.pool.free)
     return CacheStats(self.pool.num_usable, in_use, cached, self.pool.num_free - cached,
                       self.prefix_cache.hit_rate if self.prefix_cache else 0.0, len(self.held), len(self.swapped))
 
@@ -520,6 +530,12 @@ def audit(self: KVCacheManager) -> None:
         for h, block in self.prefix_cache.entries.items(): assert block.hash == h, f'{block} is cached under {h}, not its hash'
         assert self.prefix_cache.live_serials == {b.serial for b in self.prefix_cache.entries.values()}
         assert sum(b.hash is not None for b in self.pool.blocks) == len(self.prefix_cache.entries)
+        for h, tail in self.prefix_cache.pending.items():
+            assert tail.first_hash == h and tail.start < tail.end, f'pending tail under {h} is empty or misfiled'
+            for b in tail.blocks[tail.start:tail.end]:
+                assert b.tail is tail and b.hash is None and b.ref_count == 0, f'{b} is in a pending tail but {b.tail=}'
+        waiting = sum(t.end - t.start for t in self.prefix_cache.pending.values())
+        assert sum(b.tail is not None for b in self.pool.blocks) == waiting, 'a block names a tail that lost it'
     assert self.num_free_cpu_blocks + sum(s.num_blocks for s in self.swapped.values()) == self.num_cpu_blocks
     rows = [h.row for h in self.held.values()]
     assert len(set(rows)) == len(rows) and not set(rows) & set(self._free_rows), 'table rows shared'
@@ -535,4 +551,6 @@ def snapshot(self: KVCacheManager) -> tuple:
     return ({rid: (list(h.block_ids), h.num_cached, h.serial, h.row) for rid, h in self.held.items()}, self.table.tolist(),
             {rid: s.num_blocks for rid, s in self.swapped.items()}, self.num_free_cpu_blocks,
             [(b.ref_count, b.hash) for b in self.pool.blocks], [b.block_id for b in self.pool.free],
-            {h: (b.block_id, b.serial, b.parent_serial) for h, b in self.prefix_cache.entries.items()} if self.prefix_cache else None)
+            {h: (b.block_id, b.serial, b.parent_serial) for h, b in self.prefix_cache.entries.items()} if self.prefix_cache else None,
+            {h: ([b.block_id for b in t.blocks[t.start:t.end]], t.serial) for h, t in self.prefix_cache.pending.items()}
+            if self.prefix_cache else None)

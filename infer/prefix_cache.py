@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 # %% auto #0
-__all__ = ['BlockHashFn', 'hash_block', 'block_extra_keys', 'block_tokens', 'update_block_hashes', 'PrefixCache']
+__all__ = ['BlockHashFn', 'hash_block', 'block_extra_keys', 'block_tokens', 'update_block_hashes', 'PendingTail', 'PrefixCache']
 
 # %% ../nbs/21_prefix_cache.ipynb #a45d688f
 BlockHashFn = Callable[[int | None, tuple, tuple], int]
@@ -47,12 +47,23 @@ def update_block_hashes(request, block_size: int, hash_fn: BlockHashFn = hash_bl
     return hashes
 
 # %% ../nbs/21_prefix_cache.ipynb #410be3ea
+@dataclass(slots=True, eq=False)
+class PendingTail:
+    "A freed request's full blocks `start:end`, chained after `serial`, waiting to be registered (see below)."
+    request: object
+    blocks: list                 # all the request's blocks, by block index
+    start: int
+    end: int                     # shrinks as the memory of its last blocks is reused
+    serial: int
+    first_hash: int              # the hash of block `start`, under which the cache files it
+
 class PrefixCache:
     """Full blocks by chained hash, with verified hits and hit-rate counters. A cached block (a `Block` of the pool)
-    carries its `hash`, `serial`, `parent_serial`, `token_ids` and `extra_keys`."""
+    carries its `hash`, `serial`, `parent_serial`, `token_ids` and `extra_keys`; a block of a pending tail, its `tail`."""
     def __init__(self, block_size: int, hash_fn: BlockHashFn = hash_block):
         self.block_size, self.hash_fn = block_size, hash_fn
         self.entries: dict = {}                   # hash -> the cached block
+        self.pending: dict = {}                   # hash of a tail's first block -> the tail
         self.live_serials: set[int] = set()       # serials of the blocks in `entries`
         self._serials = itertools.count(1)
         self.query_tokens = self.hit_tokens = 0
@@ -68,6 +79,9 @@ class PrefixCache:
         blocks, serial = [], 0
         for i in range(min(max_blocks, len(hashes))):
             block = self.entries.get(hashes[i])
+            if block is None and (tail := self.pending.get(hashes[i])) is not None:     # a lookup reached a pending tail
+                self._register(tail)
+                block = self.entries.get(hashes[i])
             if block is None or not self._same(block, serial, block_tokens(request, i, self.block_size),
                                                block_extra_keys(request, i, self.block_size)): break
             blocks.append(block)
@@ -104,8 +118,35 @@ class PrefixCache:
             serial = cached.serial
         return serial
 
+    def defer(self, request, blocks: list, start: int, end: int, serial: int) -> None:
+        "Cache `request`'s full blocks `start:end`, chained after `serial`, when a lookup first reaches block `start`."
+        if end <= start: return
+        hashes, bs = request.block_hashes, self.block_size
+        while len(hashes) <= start:                     # (the hashes usually reach `start` already)
+            i = len(hashes)
+            hashes.append(self.hash_fn(hashes[i - 1] if i else None, block_tokens(request, i, bs),
+                                       block_extra_keys(request, i, bs)))
+        h = hashes[start]
+        if h in self.entries or h in self.pending:      # the same content is cached or waiting already: chain now
+            self.insert(request, blocks, start, end, serial)
+            return
+        tail = self.pending[h] = PendingTail(request, blocks, start, end, serial, h)
+        for b in blocks[start:end]: b.tail = tail
+
+    def _register(self, tail: PendingTail) -> None:
+        "Register the blocks a pending tail still has."
+        del self.pending[tail.first_hash]
+        for b in tail.blocks[tail.start:tail.end]: b.tail = None
+        self.insert(tail.request, tail.blocks, tail.start, tail.end, tail.serial)
+
     def evict(self, block) -> None:
         "Forget `block` (its memory is about to be reused)."
+        if (tail := block.tail) is not None:            # a pending tail loses this block and every block after it
+            cut = tail.blocks.index(block, tail.start, tail.end)
+            for b in tail.blocks[cut:tail.end]: b.tail = None
+            tail.end = cut
+            if cut == tail.start: del self.pending[tail.first_hash]
+            return
         if self.entries.get(block.hash) is block:
             del self.entries[block.hash]
             self.live_serials.discard(block.serial)

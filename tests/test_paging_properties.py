@@ -23,11 +23,14 @@ Why this catches bugs, and not only the library's opinion of itself:
 * Data: whenever the machine "computes" tokens it writes, through `kv.slot_mapping` and only into
   blocks no other request holds, each token's id into the key cache and a fingerprint of the whole
   prefix up to it into the value cache (real keys and values depend on every token before them).
-  Blocks the manager declares dead (unheld and not in the prefix cache) are overwritten with junk
+  Blocks the manager declares dead (unheld, not in the prefix cache and not in a pending tail) are overwritten with junk
   after every step. After every step each running request's context, read back through
   `kv.block_table`, must be its own tokens computed after its own prefix, and so must every prefix
   hit before it is used. Wrong sharing (even of a block with equal tokens after another prefix), a
   lost or misplaced swap, or a reused block that was still needed all show up here.
+* Decoding also goes as the scheduler's does (no call while a request's blocks have room, a block from
+  `grow` when they are full), so the blocks it fills are registered only if a lookup reaches them after
+  the request is freed (a pending tail); such hits pass the same data checks.
 * Freeing everything (a rule, and at the end of every run) must return the pool to full.
 
 The machine runs for block sizes 1, 2 and 4, with and without prefix caching, and with a hash
@@ -162,9 +165,9 @@ class PagingMachine(RuleBasedStateMachine):
         return self.keys[slots].tolist(), self.prints[slots].tolist()
 
     def scribble_dead_blocks(self):
-        "Blocks nobody holds and the prefix cache cannot find hold nothing anyone may read: trash them."
+        "Blocks nobody holds and the prefix cache cannot find (registered or pending) hold nothing anyone may read: trash them."
         bs = self.block_size
-        dead = [b.block_id for b in self.kv.pool.blocks[1:] if b.ref_count == 0 and b.hash is None]
+        dead = [b.block_id for b in self.kv.pool.blocks[1:] if b.ref_count == 0 and b.hash is None and b.tail is None]
         if dead:
             slots = (torch.tensor(dead)[:, None] * bs + torch.arange(bs)).view(-1)
             self.keys[slots] = JUNK
@@ -222,7 +225,9 @@ class PagingMachine(RuleBasedStateMachine):
         "Look up the prefix cache, then allocate the first chunk, as the scheduler admits a request."
         r, bs = self.requests[rid], self.block_size
         assert not self.kv.holds(rid) and r.num_computed_tokens == 0
+        pending = dict(self.kv.prefix_cache.pending) if self.prefix_caching else {}
         hit = self.kv.get_computed_blocks(r)
+        if any(h not in self.kv.prefix_cache.pending for h in pending): self.seen['hit through a pending tail'] += 1
         assert hit.num_tokens == len(hit.blocks) * bs
         assert hit.num_tokens <= r.num_tokens - 1, 'a hit must leave the last token to compute'
         if not self.prefix_caching: assert hit.num_tokens == 0
@@ -254,11 +259,14 @@ class PagingMachine(RuleBasedStateMachine):
         self.state[rid] = 'running'
         self.last_ids[rid] = list(ids)
 
-    @rule(i=st.integers(0, MAX_LIVE), chunk=st.integers(1, MAX_LEN), token=st.sampled_from(VOCAB), swap=st.booleans())
-    def step(self, i, chunk, token, swap):
+    @rule(i=st.integers(0, MAX_LIVE), chunk=st.integers(1, MAX_LEN), token=st.sampled_from(VOCAB), swap=st.booleans(),
+          as_scheduler=st.booleans())
+    def step(self, i, chunk, token, swap, as_scheduler=False):
         """A running request's next step: the next chunk of its uncomputed tokens, or, once all are
         computed, one sampled token, which the step then computes (decode). If the cache is short,
-        the scheduler preempts the newest running request (perhaps this one), by swap if `swap`."""
+        the scheduler preempts the newest running request (perhaps this one), by swap if `swap`.
+        With `as_scheduler`, a one-token step goes as the scheduler's decode does: no call while the
+        request's blocks have room, one block from `grow` when they are full (registering nothing)."""
         ids = [rid for rid in self.ids('running') if self.requests[rid].num_tokens < MAX_LEN
                or self.requests[rid].num_computed_tokens < self.requests[rid].num_tokens]
         if not ids: return
@@ -269,7 +277,10 @@ class PagingMachine(RuleBasedStateMachine):
         need = cdiv(r.num_computed_tokens + n, bs) - len(self.kv.block_ids(rid))
         expect_ok = need <= self.num_free_by_model()
         before = self.frozen()
-        ok = self.kv.allocate_slots(r, n)
+        if as_scheduler and n == 1 and need <= 1:
+            ok = need == 0 or self.kv.grow([rid])
+            self.seen['decode as the scheduler does'] += 1
+        else: ok = self.kv.allocate_slots(r, n)
         assert ok == expect_ok, f'allocate_slots({rid}, {n}) returned {ok}, needing {need} of {self.num_free_by_model()} free'
         if not ok:          # a sampled token stays uncomputed: it is computed when the request runs again
             self.assert_unchanged(before, f'allocate_slots({rid}, {n})')
@@ -278,6 +289,12 @@ class PagingMachine(RuleBasedStateMachine):
             return
         self.compute(rid, r.num_computed_tokens, n)
         r.num_computed_tokens += n
+
+    @rule(i=st.integers(0, MAX_LIVE), tokens=st.lists(st.sampled_from(VOCAB), min_size=1, max_size=8), swap=st.booleans())
+    def decode(self, i, tokens, swap):
+        """Several one-token steps as the scheduler decodes (see `step`): the blocks they fill stay unregistered
+        until the request is freed, when the prefix cache files them as a pending tail."""
+        for token in tokens: self.step(i, 1, token, swap, as_scheduler=True)
 
     @rule(i=st.integers(0, MAX_LIVE), swap=st.booleans())
     def preempt(self, i, swap):
@@ -407,8 +424,8 @@ class PagingMachine(RuleBasedStateMachine):
         assert s.blocks_in_use == len(holders), f'{s.blocks_in_use} blocks in use, the model counts {len(holders)}'
         assert s.blocks_in_use + s.blocks_cached + s.blocks_free == s.num_blocks, s
         assert kv.num_free_blocks == s.blocks_cached + s.blocks_free == self.num_blocks - 1 - len(holders)
-        cached = sum(b.block_id not in holders and b.hash is not None for b in kv.pool.blocks[1:])
-        assert s.blocks_cached == cached, f'{s.blocks_cached} blocks cached, {cached} unheld blocks carry a hash'
+        cached = sum(b.block_id not in holders and (b.hash is not None or b.tail is not None) for b in kv.pool.blocks[1:])
+        assert s.blocks_cached == cached, f'{s.blocks_cached} blocks cached, {cached} unheld blocks carry a hash or a tail'
         if not self.prefix_caching: assert s.blocks_cached == 0
         assert (s.num_requests, s.num_swapped) == (len(running), len(swapped))
         assert kv.num_free_cpu_blocks == self.num_cpu_blocks - sum(self.swapped_blocks.values())
@@ -466,6 +483,7 @@ def test_paged_cache_state_machine(block_size, prefix_caching, hash_fn):
         assert seen[what] > 0, f'no {what!r} in {dict(seen)}'
     if prefix_caching:
         assert seen['hit'] > 0 and seen['hit on freed blocks'] > 0, dict(seen)
+        if hash_fn is None: assert seen['hit through a pending tail'] > 0, dict(seen)   # (collisions stop caching first)
     else:
         assert seen['hit'] == 0
     if hash_fn is not None:
@@ -495,7 +513,10 @@ def test_scripted_walk_through_every_path():
     do('admit', 0, MAX_LEN)                                  # r1 hits its prefix, but needs more than is free: refused
     do('free_all', False, False)                             # everything preempted: pool full, blocks cached
     do('admit', 0, MAX_LEN)                                  # r0 again: hits the blocks it just freed
+    do('decode', 0, [1, 2, 3, 4], False)                     # r0 decodes as the scheduler does: 2 blocks fill, unregistered
+    do('preempt', 0, False)                                  # recompute: they become r0's pending tail
+    do('admit', 0, MAX_LEN)                                  # r0 again: its lookup reaches the tail and registers it
     m.teardown()
     for what in ('hit', 'hit on freed blocks', 'refused', 'swap out', 'swap in', 'refused swap out',
-                 'refused swap in', 'recompute'):
+                 'refused swap in', 'recompute', 'decode as the scheduler does', 'hit through a pending tail'):
         assert machine.seen[what] > 0, f'the script missed {what!r}: {dict(machine.seen)}'
