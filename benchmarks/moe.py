@@ -6,6 +6,7 @@
     python benchmarks/moe.py --tokens 1 64 --shapes qwen3      # a subset
     python benchmarks/moe.py --tune-rows --tokens 1 2 4 8 16  # the rows path (a few tokens) against the tiles
     python benchmarks/moe.py --no-rows                        # the tiles path at every token count
+    python benchmarks/moe.py --launch-ab --tokens 1 2 4 16    # one-launch router and PDL on and off, whole layers
 
 The anchor: `transformers`' `MixtralSparseMoeBlock` / `Qwen3MoeSparseMoeBlock` built from the model's config with
 random bf16 weights, in both of its experts implementations ('eager': the Python loop over experts hit;
@@ -401,6 +402,43 @@ def tune_rows(args):
     save(results, args)
 
 
+@torch.no_grad()
+def launch_ab(args):
+    """What the few-token path's launch savings are worth, A/B in one run: the whole layer (router included, graph
+    replays over the input sets) with the one-launch router and programmatic dependent launches (the default), with
+    the one-launch router alone, and with neither (the router's matrix product, then the top-k kernel)."""
+    results = dict(device=torch.cuda.get_device_name(), triton=M.triton.__version__, rows=[])
+    g = torch.Generator(DEV).manual_seed(4)
+    pdl, max_router = M._pdl, M.MAX_ROUTER_TOKENS
+    variants = {'router + pdl': (pdl, max_router), 'router': (lambda t: False, max_router),
+                'neither': (lambda t: False, 0)}
+    for shape in args.shapes:
+        E, H, I, k = SHAPES[shape]
+        layer = M.SparseMoE(E, H, I, k, renormalize=True).to(DEV)
+        w13, w2 = M.random_experts(E, H, I, torch.bfloat16, DEV, g)
+        layer.w13.data, layer.w2.data = w13, w2
+        layer.gate.weight.data = (torch.randn(E, H, generator=g, device=DEV) / H ** 0.5).bfloat16()
+        for T in args.tokens:
+            inputs = [torch.randn(T, H, generator=g, device=DEV).bfloat16() for _ in range(INPUT_SETS)]
+            row = dict(shape=shape, tokens=T)
+            outs = {}
+            for name, (use_pdl, tokens) in variants.items():
+                M._pdl, M.MAX_ROUTER_TOKENS = use_pdl, tokens
+                row[f'{name}_ms'] = graph_ms(lambda x: layer(x, backend='triton'), inputs, args.iters)
+                outs[name] = layer(inputs[0], backend='triton')
+            M._pdl, M.MAX_ROUTER_TOKENS = pdl, max_router
+            weights, ids = layer.route(inputs[0])
+            row['err_vs_reference'] = M.rel_err(outs['router + pdl'], reference_f32(inputs[0], layer, weights, ids))
+            row['same_as_neither'] = M.rel_err(outs['router + pdl'], outs['neither'])
+            row['floor_ms'], _ = roofline_ms(shape, T, [layer.route(x)[1] for x in inputs])
+            results['rows'].append(row)
+            print(f"{shape:8s} T={T:4d}  " + '  '.join(f"{n} {row[f'{n}_ms'] * 1e3:6.1f} us ({100 * row['floor_ms'] / row[f'{n}_ms']:.0f}%)"
+                                                    for n in variants) +
+                  f"  floor {row['floor_ms'] * 1e3:.1f} us  err {row['err_vs_reference']:.1e}, vs neither {row['same_as_neither']:.1e}",
+                  flush=True)
+            save(results, args)
+
+
 if __name__ == '__main__':
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--tune', action='store_true', help='time a grid of tile configs instead of the benchmark')
@@ -415,6 +453,7 @@ if __name__ == '__main__':
     p.add_argument('--no-tma', action='store_true', help='read the weights through pointers even on Hopper')
     p.add_argument('--row-configs', help="a --tune-rows run's JSON: the rows path's blocks instead of infer's table")
     p.add_argument('--no-rows', action='store_true', help='the tiles path at every token count')
+    p.add_argument('--launch-ab', action='store_true', help='the one-launch router and PDL against neither, whole layers')
     args = p.parse_args()
     if args.no_tma: M._tma_ready = lambda a, b: False
-    tune_rows(args) if args.tune_rows else tune(args) if args.tune else bench(args)
+    (launch_ab if args.launch_ab else tune_rows if args.tune_rows else tune if args.tune else bench)(args)

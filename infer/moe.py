@@ -20,11 +20,11 @@ except ImportError:    # an older Triton, or none: the weights are read through 
     TensorDescriptor = None
 
 # %% auto #0
-__all__ = ['SCORINGS', 'ACTIVATIONS', 'QUANT_DTYPES', 'ONE_PROGRAM_PAIRS', 'DEFAULT_ROW_CONFIG', 'H200_MOE_CONFIGS',
-           'H200_ROW_CONFIGS', 'MoEError', 'route', 'softmax_topk_triton', 'activate', 'experts_reference',
-           'max_padded_rows', 'align_reference', 'align_triton', 'combine_triton', 'fused_experts_rows', 'row_config',
-           'moe_config', 'fused_experts_triton', 'fused_experts', 'rel_err', 'random_experts', 'SparseMoE',
-           'quantize_experts', 'quantize_layer_']
+__all__ = ['SCORINGS', 'MAX_ROUTER_TOKENS', 'ACTIVATIONS', 'QUANT_DTYPES', 'ONE_PROGRAM_PAIRS', 'DEFAULT_ROW_CONFIG',
+           'H200_MOE_CONFIGS', 'H200_ROW_CONFIGS', 'MoEError', 'route', 'softmax_topk_triton', 'router_topk_triton',
+           'activate', 'experts_reference', 'max_padded_rows', 'align_reference', 'align_triton', 'combine_triton',
+           'fused_experts_rows', 'row_config', 'moe_config', 'fused_experts_triton', 'fused_experts', 'rel_err',
+           'random_experts', 'SparseMoE', 'quantize_experts', 'quantize_layer_']
 
 # %% ../nbs/26_moe.ipynb #aad87899
 class MoEError(ValueError):
@@ -90,13 +90,8 @@ def route(logits: torch.Tensor, top_k: int, *, scoring: str = 'softmax', renorma
 
 # %% ../nbs/26_moe.ipynb #fddf1327
 @kernel
-def _softmax_topk_kernel(logits_ptr, weights_ptr, ids_ptr, T, E, stride_t, TOP_K: tl.constexpr, K_PAD: tl.constexpr,
-                         RENORMALIZE: tl.constexpr, ROWS: tl.constexpr, BLOCK_E: tl.constexpr):
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK_E)
-    ok = (rows < T)[:, None] & (cols < E)[None, :]
-    x = tl.load(logits_ptr + rows[:, None].to(tl.int64) * stride_t + cols[None, :], mask=ok, other=0.0)
-    x = tl.where((cols < E)[None, :], x.to(tl.float32), float('-inf'))
+def _softmax_top_k(x, ok, cols, ROWS: tl.constexpr, TOP_K: tl.constexpr, K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr):
+    "Logits `x [ROWS, BLOCK_E]` (float32, -inf past the experts; `ok`: real entries) to `(weights, ids) [ROWS, K_PAD]`."
     p = tl.exp(x - tl.max(x, axis=1)[:, None])
     p = tl.where(ok, p / tl.sum(p, axis=1)[:, None], -1.0)
     slots = tl.arange(0, K_PAD)
@@ -108,6 +103,19 @@ def _softmax_topk_kernel(logits_ptr, weights_ptr, ids_ptr, T, E, stride_t, TOP_K
         ids = tl.where(slots[None, :] == j, at[:, None].to(tl.int64), ids)
         p = tl.where(cols[None, :] == at[:, None], -1.0, p)
     if RENORMALIZE: weights = weights / tl.sum(weights, axis=1)[:, None]
+    return weights, ids
+
+
+@kernel
+def _softmax_topk_kernel(logits_ptr, weights_ptr, ids_ptr, T, E, stride_t, TOP_K: tl.constexpr, K_PAD: tl.constexpr,
+                         RENORMALIZE: tl.constexpr, ROWS: tl.constexpr, BLOCK_E: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_E)
+    ok = (rows < T)[:, None] & (cols < E)[None, :]
+    x = tl.load(logits_ptr + rows[:, None].to(tl.int64) * stride_t + cols[None, :], mask=ok, other=0.0)
+    x = tl.where((cols < E)[None, :], x.to(tl.float32), float('-inf'))
+    weights, ids = _softmax_top_k(x, ok, cols, ROWS, TOP_K, K_PAD, RENORMALIZE)
+    slots = tl.arange(0, K_PAD)
     out = rows[:, None] * TOP_K + slots[None, :]
     keep = (rows < T)[:, None] & (slots < TOP_K)[None, :]
     tl.store(weights_ptr + out, weights, mask=keep)
@@ -126,6 +134,90 @@ def softmax_topk_triton(logits: torch.Tensor, top_k: int, renormalize: bool = Fa
     _softmax_topk_kernel[(triton.cdiv(T, rows),)](logits, weights, ids, T, E, logits.stride(0), TOP_K=top_k,
                                                   K_PAD=triton.next_power_of_2(top_k), RENORMALIZE=renormalize,
                                                   ROWS=rows, BLOCK_E=block_e, num_warps=4)
+    return weights, ids
+
+# %% ../nbs/26_moe.ipynb #8a6342cb
+MAX_ROUTER_TOKENS = 16      # router_topk_triton keeps each token's scores in registers
+_PDL_DEVICES: dict = {}
+_ARRIVALS: dict = {}
+
+
+def _pdl(t: torch.Tensor) -> bool:
+    "Whether kernels on `t`'s device may launch while the kernel before them runs (PDL, Hopper and newer)."
+    if not t.is_cuda or _interpreting(): return False
+    if t.device not in _PDL_DEVICES: _PDL_DEVICES[t.device] = torch.cuda.get_device_capability(t.device) >= (9, 0)
+    return _PDL_DEVICES[t.device]
+
+
+def _arrivals(device: torch.device) -> torch.Tensor | None:
+    """The router's counter of arrived programs on `device`, zero between launches; made on first use, and None
+    while a CUDA graph is being captured before it exists (a zeroing captured in a graph runs only at replay)."""
+    if device not in _ARRIVALS:
+        if device.type == 'cuda' and torch.cuda.is_current_stream_capturing(): return None
+        _ARRIVALS[device] = torch.zeros(1, dtype=torch.int32, device=device)
+    return _ARRIVALS[device]
+
+
+@kernel
+def _router_topk_kernel(x_ptr, gate_ptr, logits_ptr, weights_ptr, ids_ptr, count_ptr, T, E, H, stride_xt, stride_ge,
+                        TOP_K: tl.constexpr, K_PAD: tl.constexpr, T_PAD: tl.constexpr, BLOCK_E: tl.constexpr,
+                        EXPERTS: tl.constexpr, BLOCK_K: tl.constexpr, RENORMALIZE: tl.constexpr,
+                        BY_HAND: tl.constexpr, PDL: tl.constexpr):
+    if PDL:
+        tl.extra.cuda.gdc_wait()                   # x comes from the kernel before
+        tl.extra.cuda.gdc_launch_dependents()      # the next kernel may start; it waits for this one's results
+    tokens = tl.arange(0, T_PAD)
+    experts = tl.program_id(0) * EXPERTS + tl.arange(0, EXPERTS)
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([T_PAD, EXPERTS], dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        k_ok = ks < H - k0
+        xs = tl.load(x_ptr + tokens[:, None] * stride_xt + (k0 + ks)[None, :], mask=(tokens < T)[:, None] & k_ok[None, :],
+                     other=0.0).to(tl.float32)
+        g = tl.load(gate_ptr + experts[:, None] * stride_ge + (k0 + ks)[None, :],
+                    mask=(experts < E)[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(xs[:, None, :] * g[None, :, :], axis=2)
+    tl.store(logits_ptr + tokens[:, None] * E + experts[None, :], _cast(acc, logits_ptr.dtype.element_ty, BY_HAND),
+             mask=(tokens < T)[:, None] & (experts < E)[None, :])
+    tl.debug_barrier()                             # every thread's scores are stored before this program counts itself
+    if tl.atomic_add(count_ptr, 1, sem='acq_rel', scope='gpu') == tl.num_programs(0) - 1:   # the last program to arrive
+        cols = tl.arange(0, BLOCK_E)
+        ok = (tokens < T)[:, None] & (cols < E)[None, :]
+        scores = tl.load(logits_ptr + tokens[:, None] * E + cols[None, :], mask=ok, other=0.0, cache_modifier='.cg')
+        scores = tl.where((cols < E)[None, :], scores.to(tl.float32), float('-inf'))
+        weights, ids = _softmax_top_k(scores, ok, cols, T_PAD, TOP_K, K_PAD, RENORMALIZE)
+        slots = tl.arange(0, K_PAD)
+        out = tokens[:, None] * TOP_K + slots[None, :]
+        keep = (tokens < T)[:, None] & (slots < TOP_K)[None, :]
+        tl.store(weights_ptr + out, weights, mask=keep)
+        tl.store(ids_ptr + out, ids, mask=keep)
+        tl.atomic_xchg(count_ptr, 0)              # ready for the next launch
+
+
+def router_topk_triton(x: torch.Tensor, gate: torch.Tensor, top_k: int, renormalize: bool = False,
+                       count: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Softmax routing of `x [T, H]` by the router `gate [E, H]` in one launch, for at most `MAX_ROUTER_TOKENS`
+    tokens: `(weights [T, k] float32, ids [T, k] int64)`, as `route(F.linear(x, gate), ...)` gives them. None when
+    the device's arrival counter does not exist yet and a CUDA graph is being captured (route the unfused way then)."""
+    (T, H), E = x.shape, gate.shape[0]
+    if not 1 <= T <= MAX_ROUTER_TOKENS: _fail(f'router_topk_triton: takes 1 to {MAX_ROUTER_TOKENS} tokens, got {T}')
+    if gate.shape != (E, H) or gate.dtype != x.dtype:
+        _fail(f'router_topk_triton: gate must be [experts, {H}] in {x.dtype}, got {_describe(gate)}')
+    if not isinstance(top_k, int) or not 1 <= top_k <= E:
+        _fail(f'router_topk_triton: top_k must be an int from 1 to the number of experts ({E}), got {top_k!r}')
+    if (count := count if count is not None else _arrivals(x.device)) is None: return None
+    x, gate = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, gate))
+    weights = torch.empty(T, top_k, dtype=torch.float32, device=x.device)
+    ids = torch.empty(T, top_k, dtype=torch.int64, device=x.device)
+    logits = torch.empty(T, E, dtype=x.dtype, device=x.device)
+    t_pad, experts = max(2, triton.next_power_of_2(T)), 4
+    block_k = min(triton.next_power_of_2(H), 8192 // (t_pad * experts))
+    pdl = _pdl(x)
+    _router_topk_kernel[(triton.cdiv(E, experts),)](
+        x, gate, logits, weights, ids, count, T, E, H, x.stride(0), gate.stride(0), TOP_K=top_k,
+        K_PAD=triton.next_power_of_2(top_k), T_PAD=t_pad, BLOCK_E=triton.next_power_of_2(E), EXPERTS=experts,
+        BLOCK_K=block_k, RENORMALIZE=renormalize, BY_HAND=_round_by_hand(x.dtype), PDL=pdl, num_warps=4,
+        **({'launch_pdl': True} if pdl else {}))
     return weights, ids
 
 # %% ../nbs/26_moe.ipynb #7dcc7610
@@ -424,8 +516,12 @@ def combine_triton(rows: torch.Tensor, top_k: int) -> torch.Tensor:
 @kernel
 def _gate_up_rows_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, ids_ptr, num_experts, N, K, stride_xt, stride_we, stride_wn,
                          stride_se, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         ACTIVATION: tl.constexpr, SCALED: tl.constexpr, EVEN_K: tl.constexpr, BY_HAND: tl.constexpr):
+                         ACTIVATION: tl.constexpr, SCALED: tl.constexpr, EVEN_K: tl.constexpr, BY_HAND: tl.constexpr,
+                         PDL: tl.constexpr):
     pair = tl.program_id(0).to(tl.int64)
+    if PDL:
+        tl.extra.cuda.gdc_wait()                   # the routing comes from the kernel before
+        tl.extra.cuda.gdc_launch_dependents()
     expert = tl.load(ids_ptr + pair).to(tl.int64)
     if (expert < 0) | (expert >= num_experts): return       # routed elsewhere: the down kernel skips the pair
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -452,7 +548,7 @@ def _gate_up_rows_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, ids_ptr, num_experts,
 @kernel
 def _down_rows_kernel(h_ptr, w_ptr, out_ptr, scale_ptr, ids_ptr, weights_ptr, num_experts, N, K, stride_we, stride_wn,
                       stride_se, TOP_K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      SCALED: tl.constexpr, EVEN_K: tl.constexpr, BY_HAND: tl.constexpr):
+                      SCALED: tl.constexpr, EVEN_K: tl.constexpr, BY_HAND: tl.constexpr, PDL: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
@@ -462,14 +558,18 @@ def _down_rows_kernel(h_ptr, w_ptr, out_ptr, scale_ptr, ids_ptr, weights_ptr, nu
     rows_ok = valid[:, None, None] & (cols < N)[None, :, None]
     h_ptrs = h_ptr + pairs[:, None] * K + ks[None, :]
     w_ptrs = w_ptr + tl.where(valid, experts, 0)[:, None, None] * stride_we + cols[None, :, None] * stride_wn + ks[None, None, :]
-    acc = tl.zeros([K_PAD, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = (ks < K - k0) | EVEN_K
-        h = tl.load(h_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-        w = tl.load(w_ptrs, mask=rows_ok & k_ok[None, None, :], other=0.0).to(tl.float32)
-        acc += tl.sum(w * h[:, None, :], axis=2)
+    k_ok = (ks < K) | EVEN_K
+    w = tl.load(w_ptrs, mask=rows_ok & k_ok[None, None, :], other=0.0)     # the first weights do not depend on the
+    if PDL: tl.extra.cuda.gdc_wait()                                        # kernel before: load them, then wait for h
+    h = tl.load(h_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+    acc = tl.sum(w.to(tl.float32) * h[:, None, :], axis=2)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         h_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
+        k_ok = (ks < K - k0) | EVEN_K
+        h = tl.load(h_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        w = tl.load(w_ptrs, mask=rows_ok & k_ok[None, None, :], other=0.0)
+        acc += tl.sum(w.to(tl.float32) * h[:, None, :], axis=2)
     if SCALED: acc *= tl.load(scale_ptr + tl.where(valid, experts, 0)[:, None] * stride_se + cols[None, :],
                               mask=valid[:, None] & (cols < N)[None, :], other=0.0)
     weights = tl.load(weights_ptr + pairs, mask=valid, other=0.0)
@@ -483,20 +583,21 @@ DEFAULT_ROW_CONFIG = (_row_tiles(16, 128, 8), _row_tiles(8, 256, 4))   # the H20
 
 
 def _launch_gate_up_rows(x, w13, hidden, scale, ids, activation: str, config: dict):
-    (E, I2, H), k, cfg = w13.shape, ids.shape[1], dict(config)
+    (E, I2, H), k, cfg, pdl = w13.shape, ids.shape[1], dict(config), _pdl(x)
     _gate_up_rows_kernel[(ids.numel(), triton.cdiv(I2 // 2, cfg['BLOCK_N']))](
         x, w13, hidden, scale if scale is not None else w13, ids, E, I2 // 2, H, x.stride(0), w13.stride(0),
         w13.stride(1), scale.stride(0) if scale is not None else 0, TOP_K=k, ACTIVATION=activation,
-        SCALED=scale is not None, EVEN_K=H % cfg['BLOCK_K'] == 0, BY_HAND=_round_by_hand(hidden.dtype), **cfg)
+        SCALED=scale is not None, EVEN_K=H % cfg['BLOCK_K'] == 0, BY_HAND=_round_by_hand(hidden.dtype), PDL=pdl,
+        **cfg, **({'launch_pdl': True} if pdl else {}))
 
 
 def _launch_down_rows(hidden, w2, out, scale, ids, weights, config: dict):
-    (E, H, I), (T, k), cfg = w2.shape, ids.shape, dict(config)
+    (E, H, I), (T, k), cfg, pdl = w2.shape, ids.shape, dict(config), _pdl(hidden)
     _down_rows_kernel[(T, triton.cdiv(H, cfg['BLOCK_N']))](
         hidden, w2, out, scale if scale is not None else w2, ids, weights, E, H, I, w2.stride(0), w2.stride(1),
         scale.stride(0) if scale is not None else 0, TOP_K=k, K_PAD=triton.next_power_of_2(k), SCALED=scale is not None,
-        EVEN_K=I % cfg['BLOCK_K'] == 0,
-        BY_HAND=_round_by_hand(out.dtype), **cfg)
+        EVEN_K=I % cfg['BLOCK_K'] == 0, BY_HAND=_round_by_hand(out.dtype), PDL=pdl,
+        **cfg, **({'launch_pdl': True} if pdl else {}))
 
 
 def fused_experts_rows(x, w13, w2, weights, ids, activation: str = 'silu', w13_scale=None, w2_scale=None,
@@ -676,12 +777,18 @@ class SparseMoE(nn.Module):
         self.shared_expert_gate = nn.Linear(H, 1, bias=False) if shared_gate else None
 
     def route(self, x: torch.Tensor, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        "Each token's experts and weights: `(weights [T, k] float32, ids [T, k])`."
-        logits = self.gate(x)
-        if logits.shape[-1] != self.w13.shape[0]:
-            _fail(f'SparseMoE: the router scores {logits.shape[-1]} experts but the layer holds {self.w13.shape[0]}; '
+        """Each token's experts and weights: `(weights [T, k] float32, ids [T, k])`. With Triton, where the experts take
+        the rows path (a few tokens), the router is one launch (`router_topk_triton`)."""
+        if self.gate.weight.shape[0] != self.w13.shape[0]:
+            _fail(f'SparseMoE: the router scores {self.gate.weight.shape[0]} experts but the layer holds {self.w13.shape[0]}; '
                   'load the gate of this layer (its weight must be [experts, hidden])')
-        return route(logits, self.top_k, correction_bias=self.correction_bias, backend=backend, **self.routing)
+        if (self.routing['scoring'] == 'softmax' and x.dim() == 2 and 1 <= x.shape[0] <= MAX_ROUTER_TOKENS
+                and x.dtype == self.gate.weight.dtype and attention_backend(x.device, backend) == 'triton'
+                and row_config(self.w13.shape[0], x.shape[1], self.intermediate_size, x.shape[0], self.top_k)
+                and (routed := router_topk_triton(x, self.gate.weight, self.top_k, self.routing['renormalize']))):
+            weights, ids = routed
+            return (weights * self.routing['scaling'] if self.routing['scaling'] != 1.0 else weights), ids
+        return route(self.gate(x), self.top_k, correction_bias=self.correction_bias, backend=backend, **self.routing)
 
     def forward(self, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
         weights, ids = self.route(x, backend)

@@ -11,6 +11,7 @@ intermediate activations are rounded to the input dtype, as a half-precision lay
 float32; an int8-quantized layer within 3e-2 of the float32 one (the format's own error: 8e-3 measured). Shapes are
 tiny: Triton's interpreter runs every program in Python."""
 import os
+import re
 
 import pytest
 import torch
@@ -556,6 +557,75 @@ def test_row_config_picks_the_rows_path_where_tuned(monkeypatch):
     assert rel_err(out, reference64(x, w13, w2, weights, ids)) < 1e-5
     with pytest.raises(MoEError, match="path is 'tiles', 'rows' or None"):
         fused_experts_triton(x, w13, w2, weights, ids, path='columns')
+
+# ------------------------------------------------------------------------------------------------- a few tokens: one-launch router, PDL
+
+def assert_valid_top_k(x, gate, weights, ids, k, renormalize):
+    """Half precision: scores that round to one value tie, and which of them a top-k takes is arbitrary. So check that
+    `ids` are a top-k of the rounded scores (each chosen probability at least every unchosen one, within 1e-3) and
+    that `weights` are their probabilities (renormalized if asked) within 1e-2."""
+    p = F.softmax(F.linear(x.float(), gate.float()).to(x.dtype).float(), dim=-1)
+    chosen = p.gather(1, ids)
+    assert (chosen.min(1).values >= p.scatter(1, ids, -1.0).max(1).values - 1e-3).all(), chosen
+    torch.testing.assert_close(weights, chosen / chosen.sum(1, keepdim=True) if renormalize else chosen, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize('T, E, H, k, renormalize, dtype', [
+    (1, 16, 64, 4, True, torch.float32), (3, 8, 40, 2, False, torch.float32), (16, 12, 32, 3, True, torch.float32),
+    (4, 128, 64, 8, True, torch.bfloat16), (2, 6, 24, 6, False, torch.float16)], ids=str)
+def test_router_topk_triton_matches_route(T, E, H, k, renormalize, dtype):
+    x, gate = randn(T, H, seed=T, dtype=dtype), randn(E, H, seed=E, dtype=dtype, scale=H ** -0.5)
+    weights, ids = moe.router_topk_triton(x, gate, k, renormalize)
+    if dtype == torch.float32:
+        assert_same_routing(weights, ids, *route(F.linear(x, gate), k, renormalize=renormalize, backend='torch'))
+    else: assert_valid_top_k(x, gate, weights, ids, k, renormalize)
+    assert int(moe._arrivals(x.device)) == 0                       # the last program set the counter back
+
+
+@pytest.mark.parametrize('tokens, experts, top_k, message', [
+    (17, 8, 2, 'takes 1 to 16 tokens, got 17'), (2, 8, 9, 'top_k must be an int from 1 to the number of experts (8)'),
+    (2, 8, 0, 'top_k must be an int from 1'), (2, 'half', 2, 'gate must be [experts, 32] in torch.float32')])
+def test_router_topk_triton_bad_input(tokens, experts, top_k, message):
+    gate = randn(8, 16, seed=0) if experts == 'half' else randn(experts, 32, seed=0)
+    with pytest.raises(MoEError, match=re.escape(message)):
+        moe.router_topk_triton(randn(tokens, 32, seed=1), gate, top_k)
+
+
+def test_sparse_moe_routes_a_few_tokens_in_one_launch(monkeypatch):
+    "Where the experts take the rows path (here up to 4 tokens), Triton routes in one launch; elsewhere, or with torch, unfused."
+    monkeypatch.setitem(moe.H200_ROW_CONFIGS, (8, 32, 24, 2), {4: moe.DEFAULT_ROW_CONFIG})
+    layer = SparseMoE(8, 32, 24, 2, renormalize=True).to(DEVICE)
+    for p in layer.parameters(): nn.init.normal_(p, std=0.2)
+    calls = []
+    real = moe.router_topk_triton
+    monkeypatch.setattr(moe, 'router_topk_triton', lambda *a, **kw: calls.append(a[0].shape[0]) or real(*a, **kw))
+    for T, backend in ((3, 'triton'), (5, 'triton'), (3, 'torch')):
+        x = randn(T, 32, seed=T)
+        assert rel_err(layer(x, backend=backend), reference64(x, layer.w13, layer.w2, *route(
+            F.linear(x, layer.gate.weight), 2, renormalize=True, backend='torch'))) < 1e-5
+    assert calls == [3]
+
+
+@pytest.mark.skipif(DEVICE != 'cuda', reason='programmatic dependent launch needs a GPU (Hopper or newer)')
+def test_rows_path_with_pdl_replays_in_a_graph(monkeypatch):
+    "The one-launch router and the rows kernels chained by PDL, captured in a graph: the bits of the same layer without PDL."
+    E, H, I, k = 128, 256, 96, 8
+    blocks = (moe._row_tiles(16, 128, 4), moe._row_tiles(8, 128, 4))
+    monkeypatch.setitem(moe.H200_ROW_CONFIGS, (E, H, I, k), {4: blocks})
+    layer = SparseMoE(E, H, I, k, renormalize=True).to(DEVICE, torch.bfloat16)
+    for p in layer.parameters(): nn.init.normal_(p, std=0.05)
+    x = randn(2, H, seed=3, dtype=torch.bfloat16)
+    assert moe._pdl(x)
+    eager = layer(x, backend='triton')
+    with monkeypatch.context() as m:
+        m.setattr(moe, '_pdl', lambda t: False)
+        assert torch.equal(layer(x, backend='triton'), eager)
+    assert rel_err(eager, reference64(x, layer.w13, layer.w2, *layer.route(x))) < 1e-2
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph): replayed = layer(x, backend='triton')
+    for _ in range(50): graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(replayed, eager)
 
 # ------------------------------------------------------------------------------------------------- int8 experts
 
