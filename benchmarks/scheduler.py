@@ -15,7 +15,9 @@ so no prefix-cache hits), `max_num_seqs = --running`, a token budget of `--budge
 decodes each step) and a KV cache big enough for every running request, prefix caching on, no KV tensors.
 The prompts are prefilled first (untimed); then every one of `--steps` decode steps is timed: `schedule()`,
 and the update with one sampled token per request (infer's `update`, vLLM's `update_from_output`), each
-alone. The sampled tokens are drawn before the clock starts. For infer the runner's inputs,
+alone. The sampled tokens are drawn before the clock starts, and each side gets them as its own runner hands them
+over: infer an int64 array (the engine passes its sampler's tokens as one, `tokens.numpy()`), vLLM lists of ints.
+For infer the runner's inputs,
 `SchedulerOutput.block_table()` and `slot_mapping()`, are timed as well: what a model runner pays on top.
 
 Times are medians over steps of this thread's CPU time (`--clock cpu`, robust to other processes on the
@@ -74,7 +76,7 @@ class InferSide:
         return len(out.scheduled), out.num_batched_tokens, self.sched.num_running, self.sched.num_waiting
 
     def sampled(self, out, toks):
-        "What the model runner returns: a token for every request that reached its last token, in batch order."
+        "What infer's model runner hands over: an int64 array, a token for every request that reached its last token, in batch order."
         return toks[:int(out.samples.sum())]
 
     def update(self, out, sampled): self.sched.update(out, sampled)
@@ -113,6 +115,7 @@ class VllmSide:
     def sampled(self, out, toks):
         req_ids = list(out.num_scheduled_tokens)
         reqs = self.sched.requests
+        toks = toks.tolist()       # vLLM's runner hands over lists of ints
         tokens = [[toks[i]] if reqs[r].num_computed_tokens >= reqs[r].num_tokens else [] for i, r in enumerate(req_ids)]
         return self.v.ModelRunnerOutput(req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
                                         sampled_token_ids=tokens)
@@ -179,7 +182,7 @@ def main():
     # a segment, as in an engine's loop; the turns spread a busy machine's slow spells over both).
     names = [s.name for s in sides]
     t = {(s, part): [] for s in names for part in ('schedule', 'update', 'block_table', 'slot_mapping')}
-    toks = rng.integers(0, VOCAB, size=(total_steps, args.running)).tolist()
+    toks = rng.integers(0, VOCAB, size=(total_steps, args.running))
     done = {s.name: 0 for s in sides}
     gc.collect(); gc.freeze()
     for seg in range(cdiv(total_steps, args.segment)):

@@ -60,7 +60,7 @@ def main():
     sys.path[:0] = [str(ROOT), str(folder)]
     steps = args.segments * args.segment
     sides = {'old': build('infer_old', args.running, args.waiting, steps), 'new': build('infer', args.running, args.waiting, steps)}
-    tokens = np.random.default_rng(1).integers(0, VOCAB, size=(steps, args.running)).tolist()
+    tokens = np.random.default_rng(1).integers(0, VOCAB, size=(steps, args.running))   # an int64 array, as the engine hands over
     clock, times, done = time.thread_time, {k: ([], []) for k in sides}, 0
     for turn in range(args.segments):
         for name in ('old', 'new') if turn % 2 else ('new', 'old'):
