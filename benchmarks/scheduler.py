@@ -173,7 +173,7 @@ def main():
         for k in range(10_000):
             out = s.schedule()
             shape = s.shape(out)
-            s.update(out, s.sampled(out, rng.integers(0, VOCAB, size=shape[0]).tolist()))
+            s.update(out, s.sampled(out, rng.integers(0, VOCAB, size=shape[0])))
             if shape[:3] == (args.running, args.running, args.running): break
         assert shape == (args.running, args.running, args.running, args.waiting), f'{s.name} never settled: {shape}'
         print(f'  {s.name}: decoding after {k + 1} steps', flush=True)
