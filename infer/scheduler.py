@@ -254,8 +254,11 @@ def schedule(self: Scheduler) -> SchedulerOutput:
     m = len(batch)
     order = batch.order[:m].copy()
     computed, length = batch.computed[order], batch.length[order] + batch.in_flight[order]   # a token being sampled counts
-    want = np.minimum(length - computed, cap)
-    n = want if (total := int(want.sum())) <= budget else np.minimum(np.maximum(budget - (np.cumsum(want) - want), 0), want)
+    want = np.minimum(left := length - computed, cap)
+    total = int(want.sum())
+    if 0 < total == m <= budget and left.max() == 1 and (m >= cfg.max_num_seqs or m == budget or not self.waiting):
+        if (out := self._decode_step(order, computed, want)) is not None: return out     # a pure decode step
+    n = want if total <= budget else np.minimum(np.maximum(budget - (np.cumsum(want) - want), 0), want)
     grow = (computed + n > batch.headroom[order]).nonzero()[0]
     if grow.size:                       # a decode row takes one block; through `grow`, all together
         decode = n[grow] == 1
@@ -314,6 +317,25 @@ def schedule(self: Scheduler) -> SchedulerOutput:
     batch.in_flight[slots] += samples
     finished, self._finished_ids = self._finished_ids, []
     out = SchedulerOutput(requests, ids, starts, counts, samples, cfg.max_num_batched_tokens - budget, preempted, finished, kv, slots)
+    self._in_flight.append(out)
+    return out
+
+@patch
+def _decode_step(self: Scheduler, order: np.ndarray, computed: np.ndarray, ones: np.ndarray) -> SchedulerOutput:
+    """`schedule`'s outcome when every running request computes one token and nobody can be admitted (the usual
+    decode step), in fewer array operations: each reaches its last token, so each samples. None, with nothing
+    changed, when the cache is short of blocks for the requests that cross into a new one (the general step preempts)."""
+    batch, kv = self.running, self.kv
+    ends = computed + 1
+    crossing = (ends > batch.headroom[order]).nonzero()[0]
+    if crossing.size:
+        if not kv.grow([batch.ids[i] for i in crossing.tolist()]): return None
+        batch.headroom[order[crossing]] += kv.block_size
+    batch.computed[order] = ends
+    batch.in_flight[order] += 1
+    samples = np.ones(len(order), dtype=bool)
+    finished, self._finished_ids = self._finished_ids, []
+    out = SchedulerOutput(batch.requests[:], batch.ids[:], computed, ones, samples, len(order), [], finished, kv, order)
     self._in_flight.append(out)
     return out
 
