@@ -38,10 +38,10 @@ def block_tokens(request, block_index: int, block_size: int) -> tuple:
     "The token ids of `request`'s block `block_index`, as a tuple."
     return tuple(request.all_token_ids[block_index * block_size:(block_index + 1) * block_size])
 
-def update_block_hashes(request, block_size: int, hash_fn: BlockHashFn = hash_block) -> list[int]:
-    "Extend `request.block_hashes` to cover every full block of its known tokens, and return it."
+def update_block_hashes(request, block_size: int, hash_fn: BlockHashFn = hash_block, num_blocks: int | None = None) -> list[int]:
+    "Extend `request.block_hashes` to cover its first `num_blocks` blocks (default: every full block of its known tokens), and return it."
     hashes = request.block_hashes
-    for i in range(len(hashes), len(request.all_token_ids) // block_size):
+    for i in range(len(hashes), len(request.all_token_ids) // block_size if num_blocks is None else num_blocks):
         hashes.append(hash_fn(hashes[i - 1] if i else None, block_tokens(request, i, block_size),
                               block_extra_keys(request, i, block_size)))
     return hashes
@@ -121,12 +121,7 @@ class PrefixCache:
     def defer(self, request, blocks: list, start: int, end: int, serial: int) -> None:
         "Cache `request`'s full blocks `start:end`, chained after `serial`, when a lookup first reaches block `start`."
         if end <= start: return
-        hashes, bs = request.block_hashes, self.block_size
-        while len(hashes) <= start:                     # (the hashes usually reach `start` already)
-            i = len(hashes)
-            hashes.append(self.hash_fn(hashes[i - 1] if i else None, block_tokens(request, i, bs),
-                                       block_extra_keys(request, i, bs)))
-        h = hashes[start]
+        h = update_block_hashes(request, self.block_size, self.hash_fn, start + 1)[start]   # (usually known already)
         if h in self.entries or h in self.pending:      # the same content is cached or waiting already: chain now
             self.insert(request, blocks, start, end, serial)
             return

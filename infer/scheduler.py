@@ -315,13 +315,18 @@ def schedule(self: Scheduler) -> SchedulerOutput:
         counts = np.concatenate([counts, [k for _, _, k in admitted]]).astype(np.int64)
         samples = np.concatenate([samples, [r.num_computed_tokens == r.num_tokens for r, _, _ in admitted]])
     batch.in_flight[slots] += samples
+    return self._emit(requests, ids, starts, counts, samples, cfg.max_num_batched_tokens - budget, preempted, slots)
+
+@patch
+def _emit(self: Scheduler, requests, ids, starts, counts, samples, num_batched_tokens, preempted, slots) -> SchedulerOutput:
+    "The step's `SchedulerOutput`, with the requests finished since the last one; it is in flight until its `update`."
     finished, self._finished_ids = self._finished_ids, []
-    out = SchedulerOutput(requests, ids, starts, counts, samples, cfg.max_num_batched_tokens - budget, preempted, finished, kv, slots)
+    out = SchedulerOutput(requests, ids, starts, counts, samples, num_batched_tokens, preempted, finished, self.kv, slots)
     self._in_flight.append(out)
     return out
 
 @patch
-def _decode_step(self: Scheduler, order: np.ndarray, computed: np.ndarray, ones: np.ndarray) -> SchedulerOutput:
+def _decode_step(self: Scheduler, order: np.ndarray, computed: np.ndarray, ones: np.ndarray) -> SchedulerOutput | None:
     """`schedule`'s outcome when every running request computes one token and nobody can be admitted (the usual
     decode step), in fewer array operations: each reaches its last token, so each samples. None, with nothing
     changed, when the cache is short of blocks for the requests that cross into a new one (the general step preempts)."""
@@ -333,11 +338,7 @@ def _decode_step(self: Scheduler, order: np.ndarray, computed: np.ndarray, ones:
         batch.headroom[order[crossing]] += kv.block_size
     batch.computed[order] = ends
     batch.in_flight[order] += 1
-    samples = np.ones(len(order), dtype=bool)
-    finished, self._finished_ids = self._finished_ids, []
-    out = SchedulerOutput(batch.requests[:], batch.ids[:], computed, ones, samples, len(order), [], finished, kv, order)
-    self._in_flight.append(out)
-    return out
+    return self._emit(batch.requests[:], batch.ids[:], computed, ones, np.ones(len(order), dtype=bool), len(order), [], order)
 
 @patch
 def _preempt(self: Scheduler, request: Request) -> None:
