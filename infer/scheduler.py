@@ -117,7 +117,7 @@ class StepOutputs:
 # %% ../nbs/23_scheduler.ipynb #2620c6f1
 class RunningBatch:
     "The running requests in scheduling order; their counters and newest tokens in numpy columns, a slot per request."
-    COLUMNS = ('computed', 'length', 'headroom', 'length_cap', 'eos', 'synced', 'in_flight')
+    COLUMNS = ('computed', 'length', 'headroom', 'length_cap', 'eos', 'synced', 'known')   # known: length + tokens being sampled
 
     def __init__(self, capacity: int, max_model_len: int, pending_width: int = 128):
         self.requests: list[Request] = []            # scheduling order
@@ -140,7 +140,8 @@ class RunningBatch:
         length_cap = 0 if params.stop or params.stop_token_ids else \
             min(request.num_prompt_tokens + params.max_tokens, self.max_model_len)     # 0: check every step
         values = (request.num_computed_tokens, request.num_tokens, headroom, length_cap,
-                  -1 if params.ignore_eos or request.eos_token_id is None else request.eos_token_id, request.num_tokens, 0)
+                  -1 if params.ignore_eos or request.eos_token_id is None else request.eos_token_id, request.num_tokens,
+                  request.num_tokens)
         for c, v in zip(self.COLUMNS, values): getattr(self, c)[slot] = v
         i, n = bisect.bisect(self.keys, key), len(self.requests)
         self.order[i + 1:n + 1] = self.order[i:n]
@@ -167,14 +168,13 @@ class RunningBatch:
             for slot in slots[full].tolist(): self.sync(self.by_slot[slot])
             at[full] = 0
         self.pending[slots, at] = tokens
-        self.length[slots] = length = length + 1
-        self.in_flight[slots] -= 1
+        self.length[slots] = length = length + 1          # (`known` counted the token while it was sampled)
         return (length >= self.length_cap[slots]) | (tokens == self.eos[slots])
 
     def _take_out(self, i: int) -> Request:
         request, slot, n = self.requests[i], self.requests[i]._slot, len(self.requests)
         self.sync(request)
-        self.num_left_in_flight += bool(self.in_flight[slot])
+        self.num_left_in_flight += bool(self.known[slot] - self.length[slot])
         request._computed, request._batch, request._slot = int(self.computed[slot]), None, -1
         self.order[i:n - 1] = self.order[i + 1:n]
         del self.requests[i], self.keys[i], self.ids[i]
@@ -253,7 +253,7 @@ def schedule(self: Scheduler) -> SchedulerOutput:
 
     m = len(batch)
     order = batch.order[:m].copy()
-    computed, length = batch.computed[order], batch.length[order] + batch.in_flight[order]   # a token being sampled counts
+    computed, length = batch.computed[order], batch.known[order]   # a token being sampled counts
     want = np.minimum(left := length - computed, cap)
     total = int(want.sum())
     if 0 < total == m <= budget and left.max() == 1 and (m >= cfg.max_num_seqs or m == budget or not self.waiting):
@@ -314,7 +314,7 @@ def schedule(self: Scheduler) -> SchedulerOutput:
         starts = np.concatenate([starts, [s for _, s, _ in admitted]]).astype(np.int64)
         counts = np.concatenate([counts, [k for _, _, k in admitted]]).astype(np.int64)
         samples = np.concatenate([samples, [r.num_computed_tokens == r.num_tokens for r, _, _ in admitted]])
-    batch.in_flight[slots] += samples
+    batch.known[slots] += samples
     return self._emit(requests, ids, starts, counts, samples, cfg.max_num_batched_tokens - budget, preempted, slots)
 
 @patch
@@ -337,7 +337,7 @@ def _decode_step(self: Scheduler, order: np.ndarray, computed: np.ndarray, ones:
         if not kv.grow([batch.ids[i] for i in crossing.tolist()]): return None
         batch.headroom[order[crossing]] += kv.block_size
     batch.computed[order] = ends
-    batch.in_flight[order] += 1
+    batch.known[order] += 1
     return self._emit(batch.requests[:], batch.ids[:], computed, ones, np.ones(len(order), dtype=bool), len(order), [], order)
 
 @patch
