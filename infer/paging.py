@@ -80,12 +80,11 @@ class FreeBlockQueue:
     def popleft(self, n: int = 1) -> list[Block]:
         "Take the `n` blocks at the front."
         if n > self._len: raise IndexError(f'the free queue holds {self._len} blocks, not {n}')
-        blocks, b = [], self._head.next
-        for _ in range(n):
-            blocks.append(b)
+        blocks, b = [None] * n, self._head.next
+        for i in range(n):              # the taken blocks keep stale links: nothing reads them until they are linked again
+            blocks[i] = b
             b = b.next
         self._head.next, b.prev = b, self._head
-        for b in blocks: b.prev = b.next = None
         self._len -= n
         return blocks
 
