@@ -254,11 +254,11 @@ def schedule(self: Scheduler) -> SchedulerOutput:
     m = len(batch)
     order = batch.order[:m].copy()
     computed, length = batch.computed[order], batch.known[order]   # a token being sampled counts
-    want = np.minimum(left := length - computed, cap)
-    total = int(want.sum())
-    if 0 < total == m <= budget and left.max() == 1 and (m >= cfg.max_num_seqs or m == budget or not self.waiting):
-        if (out := self._decode_step(order, computed, want)) is not None: return out     # a pure decode step
-    n = want if total <= budget else np.minimum(np.maximum(budget - (np.cumsum(want) - want), 0), want)
+    left = length - computed
+    if 0 < m <= budget and left.min() == left.max() == 1 and (m >= cfg.max_num_seqs or m == budget or not self.waiting):
+        if (out := self._decode_step(order, computed, left)) is not None: return out     # a pure decode step
+    want = np.minimum(left, cap)
+    n = want if (total := int(want.sum())) <= budget else np.minimum(np.maximum(budget - (np.cumsum(want) - want), 0), want)
     grow = (computed + n > batch.headroom[order]).nonzero()[0]
     if grow.size:                       # a decode row takes one block; through `grow`, all together
         decode = n[grow] == 1
