@@ -90,8 +90,13 @@ def route(logits: torch.Tensor, top_k: int, *, scoring: str = 'softmax', renorma
 
 # %% ../nbs/26_moe.ipynb #fddf1327
 @kernel
-def _softmax_top_k(x, ok, cols, ROWS: tl.constexpr, TOP_K: tl.constexpr, K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr):
-    "Logits `x [ROWS, BLOCK_E]` (float32, -inf past the experts; `ok`: real entries) to `(weights, ids) [ROWS, K_PAD]`."
+def _route_rows(logits_ptr, weights_ptr, ids_ptr, rows, T, E, stride_t, ROWS: tl.constexpr, BLOCK_E: tl.constexpr,
+                TOP_K: tl.constexpr, K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr, CACHE: tl.constexpr):
+    "Softmax-top-k of logits rows `rows` (those under `T`): the softmax in float32, then k rounds of take the largest, knock it out."
+    cols = tl.arange(0, BLOCK_E)
+    ok = (rows < T)[:, None] & (cols < E)[None, :]
+    x = tl.load(logits_ptr + rows[:, None].to(tl.int64) * stride_t + cols[None, :], mask=ok, other=0.0, cache_modifier=CACHE)
+    x = tl.where((cols < E)[None, :], x.to(tl.float32), float('-inf'))
     p = tl.exp(x - tl.max(x, axis=1)[:, None])
     p = tl.where(ok, p / tl.sum(p, axis=1)[:, None], -1.0)
     slots = tl.arange(0, K_PAD)
@@ -103,23 +108,17 @@ def _softmax_top_k(x, ok, cols, ROWS: tl.constexpr, TOP_K: tl.constexpr, K_PAD: 
         ids = tl.where(slots[None, :] == j, at[:, None].to(tl.int64), ids)
         p = tl.where(cols[None, :] == at[:, None], -1.0, p)
     if RENORMALIZE: weights = weights / tl.sum(weights, axis=1)[:, None]
-    return weights, ids
+    out = rows[:, None] * TOP_K + slots[None, :]
+    keep = (rows < T)[:, None] & (slots < TOP_K)[None, :]
+    tl.store(weights_ptr + out, weights, mask=keep)
+    tl.store(ids_ptr + out, ids, mask=keep)
 
 
 @kernel
 def _softmax_topk_kernel(logits_ptr, weights_ptr, ids_ptr, T, E, stride_t, TOP_K: tl.constexpr, K_PAD: tl.constexpr,
                          RENORMALIZE: tl.constexpr, ROWS: tl.constexpr, BLOCK_E: tl.constexpr):
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK_E)
-    ok = (rows < T)[:, None] & (cols < E)[None, :]
-    x = tl.load(logits_ptr + rows[:, None].to(tl.int64) * stride_t + cols[None, :], mask=ok, other=0.0)
-    x = tl.where((cols < E)[None, :], x.to(tl.float32), float('-inf'))
-    weights, ids = _softmax_top_k(x, ok, cols, ROWS, TOP_K, K_PAD, RENORMALIZE)
-    slots = tl.arange(0, K_PAD)
-    out = rows[:, None] * TOP_K + slots[None, :]
-    keep = (rows < T)[:, None] & (slots < TOP_K)[None, :]
-    tl.store(weights_ptr + out, weights, mask=keep)
-    tl.store(ids_ptr + out, ids, mask=keep)
+    _route_rows(logits_ptr, weights_ptr, ids_ptr, tl.program_id(0) * ROWS + tl.arange(0, ROWS), T, E, stride_t, ROWS,
+                BLOCK_E, TOP_K, K_PAD, RENORMALIZE, '')
 
 
 def softmax_topk_triton(logits: torch.Tensor, top_k: int, renormalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,16 +180,8 @@ def _router_topk_kernel(x_ptr, gate_ptr, logits_ptr, weights_ptr, ids_ptr, count
              mask=(tokens < T)[:, None] & (experts < E)[None, :])
     tl.debug_barrier()                             # every thread's scores are stored before this program counts itself
     if tl.atomic_add(count_ptr, 1, sem='acq_rel', scope='gpu') == tl.num_programs(0) - 1:   # the last program to arrive
-        cols = tl.arange(0, BLOCK_E)
-        ok = (tokens < T)[:, None] & (cols < E)[None, :]
-        scores = tl.load(logits_ptr + tokens[:, None] * E + cols[None, :], mask=ok, other=0.0, cache_modifier='.cg')
-        scores = tl.where((cols < E)[None, :], scores.to(tl.float32), float('-inf'))
-        weights, ids = _softmax_top_k(scores, ok, cols, T_PAD, TOP_K, K_PAD, RENORMALIZE)
-        slots = tl.arange(0, K_PAD)
-        out = tokens[:, None] * TOP_K + slots[None, :]
-        keep = (tokens < T)[:, None] & (slots < TOP_K)[None, :]
-        tl.store(weights_ptr + out, weights, mask=keep)
-        tl.store(ids_ptr + out, ids, mask=keep)
+        _route_rows(logits_ptr, weights_ptr, ids_ptr, tokens, T, E, E, T_PAD, BLOCK_E, TOP_K, K_PAD, RENORMALIZE,
+                    '.cg')                          # (past L1: the other programs' scores are in L2)
         tl.atomic_xchg(count_ptr, 0)              # ready for the next launch
 
 

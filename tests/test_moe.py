@@ -584,9 +584,9 @@ def test_router_topk_triton_matches_route(T, E, H, k, renormalize, dtype):
 
 @pytest.mark.parametrize('tokens, experts, top_k, message', [
     (17, 8, 2, 'takes 1 to 16 tokens, got 17'), (2, 8, 9, 'top_k must be an int from 1 to the number of experts (8)'),
-    (2, 8, 0, 'top_k must be an int from 1'), (2, 'half', 2, 'gate must be [experts, 32] in torch.float32')])
+    (2, 8, 0, 'top_k must be an int from 1'), (2, 'narrow', 2, 'gate must be [experts, 32] in torch.float32')])
 def test_router_topk_triton_bad_input(tokens, experts, top_k, message):
-    gate = randn(8, 16, seed=0) if experts == 'half' else randn(experts, 32, seed=0)
+    gate = randn(8, 16, seed=0) if experts == 'narrow' else randn(experts, 32, seed=0)
     with pytest.raises(MoEError, match=re.escape(message)):
         moe.router_topk_triton(randn(tokens, 32, seed=1), gate, top_k)
 
