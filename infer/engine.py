@@ -1,4 +1,4 @@
-"""`LLM(model).generate(prompts, SamplingParams(...))`: the scheduler, the paged KV cache, the models and the sampler in one loop, with CUDA graphs for decode steps.
+"""`LLM(model).generate(prompts, SamplingParams(...))`: the scheduler, the paged KV cache, the models and the sampler in one loop, with CUDA graphs for every step.
 
 Docs: https://infer-dev.github.io/infer/engine.html.md"""
 
@@ -20,15 +20,16 @@ from fastcore.basics import patch
 
 from .attention import attention_backend
 from .models import CausalLM, StepContext, load_model, step_context
+from .ops import argmax_rows
 from .paging import KVCache, KVCacheManager, cdiv
 from .requests import MIN_SAMPLING_TEMPERATURE, Request, RequestError, SamplingParams, all_ints
 from .sampling import IncrementalDetokenizer, Sampler, SamplingBatch, has_penalty
 from .scheduler import RunningBatch, Scheduler, SchedulerConfig, SchedulerOutput
 
 # %% auto #0
-__all__ = ['BENCH_MODELS', 'StepInputs', 'token_ids_of_step', 'prepare_step', 'graph_batch_sizes', 'ModelRunner',
-           'CompletionOutput', 'RequestOutput', 'EngineError', 'Engine', 'LLM', 'random_prompts', 'output_lengths',
-           'time_llm', 'time_hf_generate', 'save_random_model']
+__all__ = ['BENCH_MODELS', 'StepInputs', 'token_ids_of_step', 'prepare_step', 'graph_batch_sizes', 'graph_token_counts',
+           'ModelRunner', 'CompletionOutput', 'RequestOutput', 'EngineError', 'Engine', 'LLM', 'random_prompts',
+           'output_lengths', 'time_llm', 'time_hf_generate', 'save_random_model']
 
 # %% ../nbs/28_engine.ipynb #99479bb9
 @dataclass
@@ -89,21 +90,36 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     sizes = [b for b in (1, 2, 4) if b < max_num_seqs] + list(range(8, max_num_seqs + 1, 8))
     return sizes if sizes and sizes[-1] == max_num_seqs else sizes + [max_num_seqs]
 
+def graph_token_counts(max_num_batched_tokens: int) -> list[int]:
+    """The token counts that get a CUDA graph of a step with prompt tokens: 16, 32, 64, ... doubling, with a step
+    halfway between from 1,024 on (a step pads at most a third of its tokens there), and the step budget itself."""
+    counts, n = [], 16
+    while n < max_num_batched_tokens:
+        counts += [n] + ([n * 3 // 2] if n >= 1024 and n * 3 // 2 < max_num_batched_tokens else [])
+        n *= 2
+    return counts + [max_num_batched_tokens]
+
 class ModelRunner:
-    "Runs scheduled steps through `model` over the paged `kv_cache`: eagerly, or by replaying a CUDA graph for decode."
+    "Runs scheduled steps through `model` over the paged `kv_cache`: eagerly, or by replaying a CUDA graph."
     def __init__(self, model: CausalLM, kv_cache: KVCache, kv: KVCacheManager, max_num_seqs: int, max_model_len: int,
-                 backend: str | None = None, cuda_graphs: bool = True, seed: int = 0):
+                 backend: str | None = None, cuda_graphs: bool = True, seed: int = 0,
+                 max_num_batched_tokens: int | None = None):
         self.model, self.kv_cache, self.kv = model, kv_cache, kv
         self.device = kv_cache.tensor.device
         self.backend = attention_backend(self.device, backend)
         self.max_model_len, self.max_num_seqs = max_model_len, max_num_seqs
         self.layers = [(kv_cache.key(i), kv_cache.value(i)) for i in range(kv_cache.spec.num_layers)]
         self.sampler = Sampler(torch.Generator(self.device).manual_seed(seed))   # for the rows without a seed of their own
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}           # decode: batch size ->
+        self.prefill_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}   # with prompts: tokens ->
         self.graph_sizes: list[int] = []          # sorted
+        self.token_counts: list[int] = []         # sorted
         self._staging: dict[np.dtype, tuple[torch.Tensor, torch.cuda.Event]] = {}   # reused pinned buffers, one per dtype
         if cuda_graphs and self.device.type == 'cuda' and not (model.is_moe and self.backend == 'torch'):
-            self.capture_graphs()        # the torch backend's reference MoE layer reads its routing back: no graphs
+            # the torch backend's reference MoE layer reads its routing back, and its attention reads the sequence
+            # boundaries of a step with prompts: neither can be captured
+            counts = graph_token_counts(max_num_batched_tokens) if max_num_batched_tokens and self.backend == 'triton' else []
+            self.capture_graphs(token_counts=counts)
 
     def _to_device(self, *arrays: np.ndarray) -> list[torch.Tensor]:
         """Arrays of one dtype, moved to the device in one copy, as views of the copy. On CUDA the copy starts from a
@@ -128,20 +144,23 @@ class ModelRunner:
             at += a.size
         return views
 
-    def _context(self, slot_mapping, cu_seqlens_q, seq_lens, block_tables, max_seqlen_q, max_seqlen_k) -> StepContext:
+    def _context(self, slot_mapping, cu_seqlens_q, seq_lens, block_tables, max_seqlen_q, max_seqlen_k,
+                 attention_out=None) -> StepContext:
         return StepContext(slot_mapping, cu_seqlens_q, seq_lens, block_tables, max_seqlen_q, max_seqlen_k, self.layers,
-                           self.backend, False)
+                           self.backend, False, attention_out)
 
     @torch.inference_mode()
     def execute(self, inputs: StepInputs, float32: bool = True, previous: torch.Tensor | None = None) -> torch.Tensor:
         """The logits `[sampling rows, vocab]` of a step: float32, or the model's dtype (`float32=False`, for an argmax).
         `previous`: the sampled tokens (on the device) of the step in flight, which `inputs.from_previous` continue from."""
-        S = len(inputs.seq_lens)
+        S, T = len(inputs.seq_lens), len(inputs.input_ids)
         if inputs.is_decode and self.graphs and S <= self.graph_sizes[-1]:
             hidden = self._replay(inputs, previous)[:S]
             if len(inputs.sample_index) < S:     # a one-token prompt chunk that is not the prompt's end samples nothing
                 hidden = hidden[torch.from_numpy(inputs.sample_index).to(self.device)]
             return self.model.compute_logits(hidden, float32)
+        if not inputs.is_decode and self.prefill_graphs and T <= self.token_counts[-1]:
+            return self.model.compute_logits(self._replay_prefill(inputs, previous), float32)
         ids, positions, sample_index, into, rows = self._to_device(inputs.input_ids, inputs.positions, inputs.sample_index,
                                                                    inputs.from_previous, inputs.previous_rows)
         if len(into): ids.index_copy_(0, into, previous[rows])
@@ -153,28 +172,59 @@ class ModelRunner:
 
 # %% ../nbs/28_engine.ipynb #f963129d
 @patch
-def capture_graphs(self: ModelRunner, sizes: list[int] | None = None) -> None:
-    "Record one CUDA graph of a decode step per batch size of `sizes` (default: `graph_batch_sizes`)."
-    sizes = sorted(sizes or graph_batch_sizes(self.max_num_seqs))
-    top, width, dev = sizes[-1], cdiv(self.max_model_len, self.kv.block_size), self.device
-    self.g_long = torch.zeros(2, top, dtype=torch.int64, device=dev)           # ids, positions
-    self.g_slots = torch.full((top,), -1, dtype=torch.int32, device=dev)
-    self.g_seq_lens = torch.ones(top, dtype=torch.int32, device=dev)
-    self.g_cu = torch.arange(top + 1, dtype=torch.int32, device=dev)
-    self.g_tables = torch.zeros(top, width, dtype=torch.int32, device=dev)
+def capture_graphs(self: ModelRunner, sizes: list[int] | None = None, token_counts: list[int] = ()) -> None:
+    """Record one CUDA graph of a decode step per batch size of `sizes` (default: `graph_batch_sizes`), and one of a
+    step with prompts per token count of `token_counts` (none by default: only the Triton backend's can be captured)."""
+    sizes, counts = sorted(sizes or graph_batch_sizes(self.max_num_seqs)), sorted(token_counts)
+    rows, seqs = max(sizes[-1], counts[-1] if counts else 0), self.max_num_seqs
+    width, dev, o = cdiv(self.max_model_len, self.kv.block_size), self.device, self.model.options
+    self.g_long = torch.zeros(2, rows, dtype=torch.int64, device=dev)           # ids, positions
+    self.g_slots = torch.full((rows,), -1, dtype=torch.int32, device=dev)
+    self.g_seq_lens = torch.ones(sizes[-1], dtype=torch.int32, device=dev)
+    self.g_cu = torch.arange(sizes[-1] + 1, dtype=torch.int32, device=dev)
+    self.g_tables = torch.zeros(seqs, width, dtype=torch.int32, device=dev)
+    self.p_bounds = torch.zeros(2 * seqs + 1, dtype=torch.int32, device=dev)   # steps with prompts: cu_seqlens_q, seq_lens
+    self.p_attention_out = torch.zeros(counts[-1] if counts else 0, o.num_heads, o.head_dim, dtype=self.model.dtype,
+                                       device=dev)
     pool = None
-    for b in reversed(sizes):          # largest first: the smaller graphs reuse its memory pool
-        ctx = self._context(self.g_slots[:b], self.g_cu[:b + 1], self.g_seq_lens[:b], self.g_tables[:b], 1, self.max_model_len)
+
+    def record(n: int, ctx: StepContext):
         with torch.inference_mode():
-            self.model(self.g_long[0, :b], self.g_long[1, :b], ctx)           # warm up (Triton compiles) outside capture
+            self.model(self.g_long[0, :n], self.g_long[1, :n], ctx)           # warm up (Triton compiles) outside capture
             torch.cuda.synchronize(dev)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                hidden = self.model(self.g_long[0, :b], self.g_long[1, :b], ctx)
+                hidden = self.model(self.g_long[0, :n], self.g_long[1, :n], ctx)
+        return graph, hidden
+
+    for n in reversed(counts):         # largest first: the smaller graphs reuse its memory pool
+        ctx = self._context(self.g_slots[:n], self.p_bounds[:seqs + 1], self.p_bounds[seqs + 1:], self.g_tables, 2,
+                            self.max_model_len, self.p_attention_out)
+        self.prefill_graphs[n] = graph, _ = record(n, ctx)
         pool = graph.pool()
-        self.graphs[b] = (graph, hidden)
-    self.graph_sizes = sizes
+    for b in reversed(sizes):
+        ctx = self._context(self.g_slots[:b], self.g_cu[:b + 1], self.g_seq_lens[:b], self.g_tables[:b], 1, self.max_model_len)
+        self.graphs[b] = graph, _ = record(b, ctx)
+        pool = graph.pool()
+    self.graph_sizes, self.token_counts = sizes, counts
     torch.cuda.synchronize(dev)
+
+@patch
+def _copy_tokens(self: ModelRunner, inputs: StepInputs, n: int, previous: torch.Tensor | None, *extra: np.ndarray):
+    """Copy a step's ids, positions and slots into the first `n` rows of the static buffers (padding: slot -1) and its
+    block tables into theirs; the device copies of `extra` int32 arrays (copied along with the slots) and of the
+    sample index."""
+    T = len(inputs.input_ids)
+    long = np.zeros((2, n), dtype=np.int64)
+    long[0, :T], long[1, :T] = inputs.input_ids, inputs.positions
+    long_d, sample_index, into, rows = self._to_device(long, inputs.sample_index, inputs.from_previous, inputs.previous_rows)
+    small = np.concatenate([inputs.slot_mapping, np.full(n - T, -1, np.int32), *extra])
+    small_d, tables_d = self._to_device(small, np.ascontiguousarray(inputs.block_tables))
+    self.g_long[:, :n].copy_(long_d)
+    if len(into): self.g_long[0].index_copy_(0, into, previous[rows])
+    self.g_slots[:n].copy_(small_d[:n])
+    self.g_tables[:len(inputs.seq_lens), :tables_d.shape[1]].copy_(tables_d)
+    return small_d[n:], sample_index
 
 @patch
 def _replay(self: ModelRunner, inputs: StepInputs, previous: torch.Tensor | None = None) -> torch.Tensor:
@@ -182,19 +232,23 @@ def _replay(self: ModelRunner, inputs: StepInputs, previous: torch.Tensor | None
     S = len(inputs.seq_lens)
     b = self.graph_sizes[bisect.bisect_left(self.graph_sizes, S)]
     graph, hidden = self.graphs[b]
-    pad = b - S
-    long = np.zeros((2, b), dtype=np.int64)
-    long[0, :S], long[1, :S] = inputs.input_ids, inputs.positions
-    small = np.concatenate([inputs.slot_mapping, np.full(pad, -1, np.int32), inputs.seq_lens, np.ones(pad, np.int32)])
-    long_d, into, rows = self._to_device(long, inputs.from_previous, inputs.previous_rows)
-    small_d, tables_d = self._to_device(small, np.ascontiguousarray(inputs.block_tables))
-    self.g_long[:, :b].copy_(long_d)
-    if len(into): self.g_long[0].index_copy_(0, into, previous[rows])
-    self.g_slots[:b].copy_(small_d[:b])
-    self.g_seq_lens[:b].copy_(small_d[b:])
-    self.g_tables[:S, :tables_d.shape[1]].copy_(tables_d)
+    seq_lens, _ = self._copy_tokens(inputs, b, previous, inputs.seq_lens, np.ones(b - S, np.int32))
+    self.g_seq_lens[:b].copy_(seq_lens)
     graph.replay()
     return hidden
+
+@patch
+def _replay_prefill(self: ModelRunner, inputs: StepInputs, previous: torch.Tensor | None = None) -> torch.Tensor:
+    """Replay the graph of the smallest token count that holds a step with prompts, its sequences padded with empty
+    ones; the hidden states of the rows that sample."""
+    T, S, seqs = len(inputs.input_ids), len(inputs.seq_lens), self.max_num_seqs
+    n = self.token_counts[bisect.bisect_left(self.token_counts, T)]
+    graph, hidden = self.prefill_graphs[n]
+    bounds, sample_index = self._copy_tokens(inputs, n, previous, inputs.cu_seqlens_q, np.full(seqs - S, T, np.int32),
+                                             inputs.seq_lens, np.zeros(seqs - S, np.int32))
+    self.p_bounds.copy_(bounds)
+    graph.replay()
+    return hidden[sample_index]
 
 # %% ../nbs/28_engine.ipynb #63574b6c
 @dataclass
@@ -268,7 +322,7 @@ class Engine:
         detokenize = (lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)) if self.tokenizer is not None else None
         self.scheduler = Scheduler(self.config, self.kv, detokenize)
         self.runner = ModelRunner(self.model, self.kv_cache, self.kv, max_num_seqs, max_model_len, attention_backend,
-                                  cuda_graphs=not enforce_eager, seed=seed)
+                                  cuda_graphs=not enforce_eager, seed=seed, max_num_batched_tokens=budget)
         self.tracked: dict[str, _Tracked] = {}
         self._parent: dict[str, tuple[_Tracked, int]] = {}     # scheduler request id -> (its prompt's record, index)
         self._num_not_greedy = 0        # unfinished continuations that sample, penalise or want logprobs
@@ -454,7 +508,8 @@ def _launch(self: Engine, out: SchedulerOutput, in_flight: _Launched | None) -> 
 @patch
 def _sample(self: Engine, logits: torch.Tensor, requests: list[Request], out: SchedulerOutput):
     "Sampled token ids and (chosen, top ids, top values) logprob tensors (None where nobody asks), all on the device."
-    if not self._num_not_greedy: return logits.argmax(-1), (None, None, None)    # the common case: argmax of model-dtype logits
+    if not self._num_not_greedy:           # the common case: argmax of model-dtype logits
+        return argmax_rows(logits, backend=self.runner.backend), (None, None, None)
     params = [r.sampling_params for r in requests]
     prompt_lens = np.fromiter((r.num_prompt_tokens for r in requests), dtype=np.int64, count=len(requests))
     positions = ((out.starts + out.num_tokens)[out.samples] - prompt_lens).tolist()     # the sampled token's output index

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from fastcore.basics import patch
 from torch import nn
 
-from .attention import paged_attention, store_kv
+from .attention import paged_attention
 from .moe import SparseMoE
-from .ops import apply_rotary_, rms_norm, silu_and_mul
+from .ops import apply_rotary_and_store_, rms_norm, silu_and_mul
 from .paging import KVCacheSpec
 
 # %% auto #0
@@ -42,6 +42,7 @@ class StepContext:
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]   # per layer (key_cache, value_cache) [blocks, block_size, kv_heads, head_dim]
     backend: str = 'torch'               # 'triton' or 'torch'
     validate: bool = False               # check index values too (syncs with the device)
+    attention_out: torch.Tensor | None = None   # [>= T, heads, head_dim]: where attention writes (a graph's padding rows keep old values)
 
     def attention_options(self) -> dict:
         "Keyword arguments of `paged_attention` that only the Triton backend takes."
@@ -269,12 +270,13 @@ class Attention(nn.Module):
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q, k, v = q.view(T, -1, D), k.view(T, -1, D), v.view(T, -1, D)
         if self.q_norm is not None: q, k = self.q_norm(q, backend=ctx.backend), self.k_norm(k, backend=ctx.backend)
-        apply_rotary_(q, k, cos_sin, positions, backend=ctx.backend)
         key_cache, value_cache = ctx.kv_caches[self.layer]
-        store_kv(k, v, key_cache, value_cache, ctx.slot_mapping, backend=ctx.backend, validate=ctx.validate)
+        apply_rotary_and_store_(q, k, v, cos_sin, positions, key_cache, value_cache, ctx.slot_mapping,
+                                backend=ctx.backend, validate=ctx.validate)
         out = paged_attention(q, key_cache, value_cache, ctx.cu_seqlens_q, ctx.seq_lens, ctx.block_tables,
-                              scale=D ** -0.5, sliding_window=self.sliding_window, backend=ctx.backend,
-                              validate=ctx.validate, **ctx.attention_options())
+                              out=None if ctx.attention_out is None else ctx.attention_out[:T], scale=D ** -0.5,
+                              sliding_window=self.sliding_window, backend=ctx.backend, validate=ctx.validate,
+                              **ctx.attention_options())
         return self.o_proj(out.view(T, self.q_size))
 
 # %% ../nbs/25_models.ipynb #e6f1580b

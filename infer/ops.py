@@ -1,4 +1,4 @@
-"""RMSNorm (with the residual add), rotary embeddings and SiLU-and-mul as one Triton kernel each, beside the plain-torch reference they must match.
+"""RMSNorm (with the residual add), rotary embeddings (with the KV-cache store), SiLU-and-mul and the greedy argmax as Triton kernels, beside the plain-torch reference each must match.
 
 Docs: https://infer-dev.github.io/infer/ops.html.md"""
 
@@ -13,11 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .attention import KERNEL_DTYPES, REFERENCE_DTYPES, _interpreting, attention_backend, kernel, tl, triton
+from .attention import (KERNEL_DTYPES, REFERENCE_DTYPES, _check_store, _interpreting, attention_backend, kernel,
+                             store_kv_reference, store_kv_triton, tl, triton)
 
 # %% auto #0
 __all__ = ['MAX_NORM_DIM', 'OpError', 'rms_norm_reference', 'rms_norm_triton', 'rms_norm', 'rotate', 'apply_rotary_reference_',
-           'apply_rotary_triton_', 'apply_rotary_', 'silu_and_mul_reference', 'silu_and_mul_triton', 'silu_and_mul',
+           'apply_rotary_triton_', 'apply_rotary_', 'apply_rotary_and_store_', 'silu_and_mul_reference',
+           'silu_and_mul_triton', 'silu_and_mul', 'argmax_rows_reference', 'argmax_rows_triton', 'argmax_rows',
            'KernelCounter', 'count_kernels']
 
 # %% ../nbs/24a_ops.ipynb #bb87389e
@@ -199,8 +201,9 @@ def _rounded(v, dtype, ROUND: tl.constexpr, BY_HAND: tl.constexpr):
 
 
 @kernel
-def _rotate_heads(x_ptr, stride_h, num_heads, cos, sin, half,
-                  HEADS_PAD: tl.constexpr, HALF_PAD: tl.constexpr, ROUND: tl.constexpr, BY_HAND: tl.constexpr):
+def _rotated_heads(x_ptr, stride_h, num_heads, cos, sin, half,
+                   HEADS_PAD: tl.constexpr, HALF_PAD: tl.constexpr, ROUND: tl.constexpr, BY_HAND: tl.constexpr):
+    "One token's heads at `x_ptr`, rotated: (head offsets, pair offsets, mask, first halves, second halves) in x's dtype."
     h = tl.arange(0, HEADS_PAD)[:, None]
     i = tl.arange(0, HALF_PAD)[None, :]
     ok = (h < num_heads) & (i < half)
@@ -210,8 +213,27 @@ def _rotate_heads(x_ptr, stride_h, num_heads, cos, sin, half,
     x2 = tl.load(first + half, mask=ok, other=0.0).to(tl.float32)
     y1 = _rounded(x1 * cos, dtype, ROUND, BY_HAND) - _rounded(x2 * sin, dtype, ROUND, BY_HAND)
     y2 = _rounded(x2 * cos, dtype, ROUND, BY_HAND) + _rounded(x1 * sin, dtype, ROUND, BY_HAND)
-    tl.store(first, _cast(y1, dtype, BY_HAND), mask=ok)
-    tl.store(first + half, _cast(y2, dtype, BY_HAND), mask=ok)
+    return h, i, ok, _cast(y1, dtype, BY_HAND), _cast(y2, dtype, BY_HAND)
+
+
+@kernel
+def _rotate_heads(x_ptr, stride_h, num_heads, cos, sin, half,
+                  HEADS_PAD: tl.constexpr, HALF_PAD: tl.constexpr, ROUND: tl.constexpr, BY_HAND: tl.constexpr):
+    "Rotate one token's heads at `x_ptr` in place; returns what `_rotated_heads` does."
+    h, i, ok, y1, y2 = _rotated_heads(x_ptr, stride_h, num_heads, cos, sin, half, HEADS_PAD, HALF_PAD, ROUND, BY_HAND)
+    first = x_ptr + h * stride_h + i
+    tl.store(first, y1, mask=ok)
+    tl.store(first + half, y2, mask=ok)
+    return h, i, ok, y1, y2
+
+
+@kernel
+def _cos_sin(cos_sin_ptr, positions_ptr, t, stride_cs, half, HALF_PAD: tl.constexpr):
+    "Token `t`'s cosines and sines `[1, HALF_PAD]`, in float32."
+    row = cos_sin_ptr + tl.load(positions_ptr + t).to(tl.int64) * stride_cs
+    i = tl.arange(0, HALF_PAD)[None, :]
+    return (tl.load(row + i, mask=i < half, other=0.0).to(tl.float32),
+            tl.load(row + half + i, mask=i < half, other=0.0).to(tl.float32))
 
 
 @kernel
@@ -220,10 +242,7 @@ def _rotary_kernel(q_ptr, k_ptr, cos_sin_ptr, positions_ptr, stride_qt, stride_q
                    Q_PAD: tl.constexpr, K_PAD: tl.constexpr, HALF_PAD: tl.constexpr, ROUND: tl.constexpr,
                    BY_HAND: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
-    row = cos_sin_ptr + tl.load(positions_ptr + t).to(tl.int64) * stride_cs
-    i = tl.arange(0, HALF_PAD)[None, :]
-    cos = tl.load(row + i, mask=i < half, other=0.0).to(tl.float32)
-    sin = tl.load(row + half + i, mask=i < half, other=0.0).to(tl.float32)
+    cos, sin = _cos_sin(cos_sin_ptr, positions_ptr, t, stride_cs, half, HALF_PAD)
     _rotate_heads(q_ptr + t * stride_qt, stride_qh, num_q_heads, cos, sin, half, Q_PAD, HALF_PAD, ROUND, BY_HAND)
     _rotate_heads(k_ptr + t * stride_kt, stride_kh, num_k_heads, cos, sin, half, K_PAD, HALF_PAD, ROUND, BY_HAND)
 
@@ -247,6 +266,57 @@ def apply_rotary_(q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor, posit
     """Rotate queries `q [T, H, D]` and keys `k [T, KVH, D]` in place (neox pairs `(i, i + D/2)`) by the angles of
     `positions [T]`, looked up in `cos_sin [max_positions, D]` (cosines, then sines), with the chosen backend."""
     return (apply_rotary_triton_ if _use_triton(q, backend) else apply_rotary_reference_)(q, k, cos_sin, positions)
+
+# %% ../nbs/24a_ops.ipynb #097e1f71
+@kernel
+def _rotary_store_kernel(q_ptr, k_ptr, v_ptr, cos_sin_ptr, positions_ptr, kc_ptr, vc_ptr, slot_ptr,
+                         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cs,
+                         stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch,
+                         num_q_heads, num_k_heads, half,
+                         Q_PAD: tl.constexpr, K_PAD: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                         ROUND: tl.constexpr, BY_HAND: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    cos, sin = _cos_sin(cos_sin_ptr, positions_ptr, t, stride_cs, half, HALF_PAD)
+    _rotate_heads(q_ptr + t * stride_qt, stride_qh, num_q_heads, cos, sin, half, Q_PAD, HALF_PAD, ROUND, BY_HAND)
+    h, i, ok, k1, k2 = _rotate_heads(k_ptr + t * stride_kt, stride_kh, num_k_heads, cos, sin, half, K_PAD, HALF_PAD,
+                                     ROUND, BY_HAND)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    ok = ok & ((h * 0 + slot) >= 0)            # slot -1: store nothing
+    blk, off = slot // BLOCK_SIZE, slot % BLOCK_SIZE
+    kc = kc_ptr + blk * stride_kcb + off * stride_kct + h * stride_kch + i
+    tl.store(kc, k1.to(kc_ptr.dtype.element_ty), mask=ok)
+    tl.store(kc + half, k2.to(kc_ptr.dtype.element_ty), mask=ok)
+    v = v_ptr + t * stride_vt + h * stride_vh + i
+    vc = vc_ptr + blk * stride_vcb + off * stride_vct + h * stride_vch + i
+    tl.store(vc, tl.load(v, mask=ok).to(vc_ptr.dtype.element_ty), mask=ok)
+    tl.store(vc + half, tl.load(v + half, mask=ok).to(vc_ptr.dtype.element_ty), mask=ok)
+
+
+def apply_rotary_and_store_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_sin: torch.Tensor,
+                            positions: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                            slot_mapping: torch.Tensor, *, backend: str | None = None, validate: bool = True):
+    """`apply_rotary_(q, k, cos_sin, positions)`, then `store_kv(k, v, key_cache, value_cache, slot_mapping)` of the
+    rotated keys: one kernel on the Triton backend. Returns `(q, k)`, rotated in place."""
+    if not _use_triton(q, backend):
+        apply_rotary_reference_(q, k, cos_sin, positions)
+        store_kv_reference(k, v, key_cache, value_cache, slot_mapping, validate)
+        return q, k
+    _check_rotary(q, k, cos_sin, positions, KERNEL_DTYPES)
+    _check_store(k, v, key_cache, value_cache, slot_mapping, KERNEL_DTYPES, validate)
+    T, H, D = q.shape
+    if len(slot_mapping) < T:             # padding tokens without a slot: rotate all, store the first ones
+        apply_rotary_triton_(q, k, cos_sin, positions)
+        store_kv_triton(k, v, key_cache, value_cache, slot_mapping, validate=False)
+    elif T:
+        q_pad, half_pad = triton.next_power_of_2(H), triton.next_power_of_2(D // 2)
+        _rotary_store_kernel[(T,)](
+            q, k, v, cos_sin, positions, key_cache, value_cache, slot_mapping, q.stride(0), q.stride(1), k.stride(0),
+            k.stride(1), v.stride(0), v.stride(1), cos_sin.stride(0), key_cache.stride(0), key_cache.stride(1),
+            key_cache.stride(2), value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
+            H, k.shape[1], D // 2, Q_PAD=q_pad, K_PAD=triton.next_power_of_2(k.shape[1]), HALF_PAD=half_pad,
+            BLOCK_SIZE=key_cache.shape[1], ROUND=torch.promote_types(q.dtype, cos_sin.dtype) == q.dtype,
+            BY_HAND=_round_by_hand(q.dtype), num_warps=min(8, max(1, q_pad * half_pad // 256)))
+    return q, k
 
 # %% ../nbs/24a_ops.ipynb #22fb557c
 def _check_silu_and_mul(x, dtypes):
@@ -289,6 +359,68 @@ def silu_and_mul_triton(x: torch.Tensor) -> torch.Tensor:
 def silu_and_mul(x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     "`silu(x[:, :I]) · x[:, I:]` of `x [T, 2I]`, with the chosen backend."
     return (silu_and_mul_triton if _use_triton(x, backend) else silu_and_mul_reference)(x)
+
+# %% ../nbs/24a_ops.ipynb #2027f09e
+def _check_argmax(logits, dtypes):
+    _check_tensor('argmax_rows', 'logits', logits, (2,), '[rows, vocab]', dtypes)
+
+
+def argmax_rows_reference(logits: torch.Tensor) -> torch.Tensor:
+    "int64 `[rows]`: the index of each row's largest value in `logits [rows, vocab]`, the first where tied."
+    _check_argmax(logits, REFERENCE_DTYPES)
+    return logits.argmax(-1)
+
+
+@kernel
+def _argmax_chunks_kernel(x_ptr, value_ptr, index_ptr, stride_x, vocab, num_chunks,
+                          CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    "The largest value of one chunk of one row, and its first index."
+    row, chunk = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    lanes = tl.arange(0, BLOCK)
+    best = tl.full([BLOCK], float('-inf'), tl.float32)
+    where = chunk * CHUNK + lanes           # a lane that never beats -inf keeps its own first index
+    for step in tl.static_range(CHUNK // BLOCK):
+        cols = chunk * CHUNK + step * BLOCK + lanes
+        x = tl.load(x_ptr + row * stride_x + cols, mask=cols < vocab, other=float('-inf')).to(tl.float32)
+        better = x > best                   # strictly: a lane keeps its earlier index on a tie
+        best, where = tl.where(better, x, best), tl.where(better, cols, where)
+    top = tl.max(best, 0)
+    tl.store(value_ptr + row * num_chunks + chunk, top)
+    tl.store(index_ptr + row * num_chunks + chunk, tl.min(tl.where(best == top, where, vocab), 0))
+
+
+@kernel
+def _argmax_pick_kernel(value_ptr, index_ptr, out_ptr, num_chunks, vocab, CHUNKS_PAD: tl.constexpr):
+    "Among a row's chunk winners, the first index of the largest."
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, CHUNKS_PAD)
+    ok = c < num_chunks
+    value = tl.load(value_ptr + row * num_chunks + c, mask=ok, other=float('-inf'))
+    index = tl.load(index_ptr + row * num_chunks + c, mask=ok, other=vocab)
+    tl.store(out_ptr + row, tl.min(tl.where(value == tl.max(value, 0), index, vocab), 0).to(tl.int64))
+
+
+def argmax_rows_triton(logits: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    "Triton: `argmax_rows_reference` in two launches (chunks of `chunk`, a power of two, then the rows)."
+    _check_argmax(logits, KERNEL_DTYPES)
+    rows, vocab = logits.shape
+    out = torch.empty(rows, dtype=torch.int64, device=logits.device)
+    if rows == 0: return out
+    if vocab == 0: _fail('argmax_rows: logits has no columns; an empty vocabulary has no largest value')
+    chunk = min(chunk, max(16, triton.next_power_of_2(vocab)))
+    num_chunks = triton.cdiv(vocab, chunk)
+    value = torch.empty(rows, num_chunks, dtype=torch.float32, device=logits.device)
+    index = torch.empty(rows, num_chunks, dtype=torch.int32, device=logits.device)
+    _argmax_chunks_kernel[(rows, num_chunks)](logits, value, index, logits.stride(0), vocab, num_chunks,
+                                              CHUNK=chunk, BLOCK=min(chunk, 1024), num_warps=4)
+    _argmax_pick_kernel[(rows,)](value, index, out, num_chunks, vocab,
+                                 CHUNKS_PAD=max(2, triton.next_power_of_2(num_chunks)), num_warps=1)
+    return out
+
+
+def argmax_rows(logits: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    "int64 `[rows]`: the index of each row's largest logit (the first where tied), with the chosen backend."
+    return (argmax_rows_triton if _use_triton(logits, backend) else argmax_rows_reference)(logits)
 
 # %% ../nbs/24a_ops.ipynb #a3547934
 class KernelCounter(TorchDispatchMode):

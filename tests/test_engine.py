@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from infer.engine import LLM, EngineError
+from infer.engine import LLM, EngineError, graph_token_counts
 from infer.models import SUPPORTED_ARCHITECTURES, tiny_model
 from infer.requests import SamplingParams
 
@@ -88,19 +88,38 @@ def test_bad_requests_leave_the_rest_alone(case):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='CUDA graphs need a CUDA GPU (the notebook records the H200 run)')
 def test_cuda_graphs_give_the_tokens_of_eager_and_transformers(case):
-    "On a GPU, float32: decode steps replayed from CUDA graphs (dense and MoE models) give eager's tokens and transformers'."
+    """On a GPU, float32: steps replayed from CUDA graphs, decode steps and steps with prompts (dense and MoE models),
+    give eager's tokens and transformers', also with chunked prefill, preemption and prefix-cache hits."""
     folder, prompts, reference = case
     memory = dict(kv_cache_memory=64 << 20)       # several engines share the GPU in this process
     graphs = LLM(folder, dtype='float32', device='cuda', max_num_seqs=8, **memory)
     eager = LLM(folder, dtype='float32', device='cuda', max_num_seqs=8, enforce_eager=True, **memory)
-    assert not eager.engine.runner.graphs
+    assert not eager.engine.runner.graphs and not eager.engine.runner.prefill_graphs
     assert sorted(graphs.engine.runner.graphs) == [1, 2, 4, 8]
+    assert sorted(graphs.engine.runner.prefill_graphs) == graph_token_counts(8192)
+    replayed = count_prefill_replays(graphs)
     for batch in (1, 3, 4):
         params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0)
         a = [o.outputs[0].token_ids for o in graphs.generate(prompts[:batch], params, use_tqdm=False)]
         b = [o.outputs[0].token_ids for o in eager.generate(prompts[:batch], params, use_tqdm=False)]
         assert a == b == [t for t, _ in reference[:batch]]
-    assert graphs.engine.kv.num_free_blocks == graphs.engine.kv.pool.num_usable
+    assert replayed and graphs.engine.kv.num_free_blocks == graphs.engine.kv.pool.num_usable
+    for setup in ('chunked-prefill', 'preemption'):
+        llm = LLM(folder, dtype='float32', device='cuda', max_num_seqs=8,
+                  **({} if 'num_blocks' in SETUPS[setup] else memory), **SETUPS[setup])
+        replayed = count_prefill_replays(llm)
+        for _ in range(2):                 # the second round finds the prompts in the prefix cache
+            outs = llm.generate(prompts, SamplingParams(max_tokens=NEW_TOKENS, temperature=0), use_tqdm=False)
+            assert [o.outputs[0].token_ids for o in outs] == [t for t, _ in reference]
+        assert replayed and llm.engine.kv.num_free_blocks == llm.engine.kv.pool.num_usable
+
+
+def count_prefill_replays(llm) -> list:
+    "A list that grows by one at each replay of a graph of a step with prompts."
+    runner, calls = llm.engine.runner, []
+    replay = runner._replay_prefill
+    runner._replay_prefill = lambda *a, **k: (calls.append(1), replay(*a, **k))[1]
+    return calls
 
 
 def test_repetition_penalty_and_top_logprobs_match_transformers(case):

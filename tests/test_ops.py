@@ -17,8 +17,10 @@ import torch.nn.functional as F
 
 from infer import models
 from infer.models import load_model, step_context, tiny_model
-from infer.ops import (OpError, _cast, apply_rotary_, apply_rotary_reference_, apply_rotary_triton_, count_kernels,
-                       rms_norm, rms_norm_reference, rms_norm_triton, rotate, silu_and_mul, silu_and_mul_reference,
+from infer.attention import store_kv
+from infer.ops import (OpError, _cast, apply_rotary_, apply_rotary_and_store_, apply_rotary_reference_,
+                       apply_rotary_triton_, argmax_rows_reference, argmax_rows_triton, count_kernels, rms_norm,
+                       rms_norm_reference, rms_norm_triton, rotate, silu_and_mul, silu_and_mul_reference,
                        silu_and_mul_triton)
 from infer.ops import triton, tl
 from infer.paging import KVCache
@@ -154,6 +156,46 @@ def test_apply_rotary_at_position_zero_is_the_identity():
     assert torch.equal(q, q0) and torch.equal(k, k0)
 
 
+@pytest.mark.parametrize('dtype', DTYPES, ids=str)
+@pytest.mark.parametrize('T, H, KVH, D, bs', [(5, 4, 2, 24, 4), (1, 14, 2, 64, 16), (3, 5, 1, 80, 8), (0, 4, 2, 64, 16)])
+def test_apply_rotary_and_store(T, H, KVH, D, bs, dtype):
+    """One kernel gives the bits of the two Triton kernels one after the other, and what the references give: q and
+    k rotated in place, the rotated keys and the values in the cache at their slots (-1: nowhere)."""
+    qkv = randn(T, (H + 2 * KVH) * D, seed=T + H + D + 1, dtype=dtype)
+    positions = torch.randint(0, 300, (T,), generator=torch.Generator().manual_seed(D)).to(DEVICE)
+    slots = torch.randperm(4 * bs, generator=torch.Generator().manual_seed(T))[:T].to(DEVICE)
+    if T > 1: slots[1] = -1
+    table, results = rope_table(300, D, dtype), []
+    for how in ('fused', 'two kernels', 'references'):
+        x, cache = qkv.clone(), torch.zeros(2, 5, bs, KVH, D, dtype=dtype, device=DEVICE)
+        (q, k), v = qkv_views(x, H, KVH, D), x[:, (H + KVH) * D:].view(T, KVH, D)
+        if how == 'fused': apply_rotary_and_store_(q, k, v, table, positions, cache[0], cache[1], slots, backend='triton')
+        elif how == 'two kernels':
+            apply_rotary_triton_(q, k, table, positions)
+            store_kv(k, v, cache[0], cache[1], slots, backend='triton')
+        else: apply_rotary_and_store_(q, k, v, table, positions, cache[0], cache[1], slots, backend='torch')
+        results.append((x, cache))
+    assert all(torch.equal(a, b) for a, b in zip(results[0], results[1]))
+    for a, b in zip(results[0], results[2]): assert_close(a, b)
+    filled = results[0][1].flatten(1, 2).abs().sum((-2, -1)) != 0               # [K/V, slot]
+    assert filled.sum() == 2 * (T - 1 if T > 1 else T)                          # every token but slot -1's
+
+
+def test_apply_rotary_and_store_with_fewer_slots_than_tokens():
+    "Padding tokens past the slots are rotated but stored nowhere, as store_kv leaves them."
+    qkv = randn(4, 8 * 16, seed=5)
+    table, positions, slots = rope_table(20, 16, torch.float32), torch.tensor([1, 2, 3, 4], device=DEVICE), \
+        torch.tensor([5, 6], device=DEVICE)
+    results = []
+    for backend in ('triton', 'torch'):
+        x, cache = qkv.clone(), torch.zeros(2, 3, 4, 2, 16, device=DEVICE)
+        (q, k), v = qkv_views(x, 4, 2, 16), x[:, 6 * 16:].view(4, 2, 16)
+        apply_rotary_and_store_(q, k, v, table, positions, cache[0], cache[1], slots, backend=backend)
+        results.append((x, cache))
+    for a, b in zip(*results): assert_close(a, b)
+    assert results[0][1].flatten(1, 2)[:, 7:].abs().sum() == 0
+
+
 # ------------------------------------------------------------------------------------------------- SiLU-and-mul
 
 @pytest.mark.parametrize('dtype', DTYPES, ids=str)
@@ -262,12 +304,36 @@ def test_device_mismatch():
         rms_norm(torch.randn(3, 8, device='cuda'), torch.ones(8, device='cuda'), 1e-6, torch.randn(3, 8))
 
 
+# ------------------------------------------------------------------------------------------------- greedy argmax
+
+@pytest.mark.parametrize('dtype', DTYPES, ids=str)
+@pytest.mark.parametrize('rows, vocab', [(1, 300), (4, 4096), (3, 2 * 4096 + 5), (2, 17), (0, 50)])
+def test_argmax_rows(rows, vocab, dtype):
+    "Fresh random logits with a tie planted at each row's top (across chunks where there are two): the first index wins."
+    x = randn(rows, vocab, seed=rows + vocab, dtype=dtype)
+    if rows:
+        top = x.max() + 1
+        x[0, [vocab // 2, vocab - 1]] = top                # a tie: the earlier index
+        if rows > 1: x[-1, [3, min(vocab - 1, 4096 + 3)]] = top     # in two chunks when there are two
+    out = argmax_rows_triton(x)
+    assert out.dtype == torch.int64 and torch.equal(out, argmax_rows_reference(x))
+    if rows: assert out[0] == vocab // 2 and (rows == 1 or out[-1] == 3)
+
+
+def test_argmax_rows_all_minus_infinity_and_strided():
+    "A row of -inf gives index 0, as torch.argmax does; a row-strided view (every other row) reads only its rows."
+    x = torch.full((2, 5000), float('-inf'), device=DEVICE)
+    assert argmax_rows_triton(x).tolist() == [0, 0]
+    y = randn(6, 700, seed=3)[::2]
+    assert torch.equal(argmax_rows_triton(y), y.argmax(-1))
+
+
 # ------------------------------------------------------------------------------------------------- kernels per step
 
-@pytest.mark.parametrize('arch, per_layer', [('Qwen2ForCausalLM', 10), ('Qwen3ForCausalLM', 12)])
+@pytest.mark.parametrize('arch, per_layer', [('Qwen2ForCausalLM', 9), ('Qwen3ForCausalLM', 11)])
 def test_decode_step_kernel_count(arch, per_layer, tmp_path, monkeypatch):
     """A decode step of a dense model launches, per layer: two norms (each with the residual add), four GEMMs, the
-    rotation, the cache store, attention and SiLU-and-mul, plus Qwen3's two QK-norms; around them the embedding and
+    rotation with the cache store, attention and SiLU-and-mul, plus Qwen3's two QK-norms; around them the embedding and
     the final norm. Every launch counted: torch operations that compute, and Triton kernels. The projections are
     counted as a GPU runs them, one `F.linear` each: on the CPU, `linear` wraps MKL's product in a copy or two."""
     monkeypatch.setattr(models, 'linear', torch.nn.functional.linear)
