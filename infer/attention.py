@@ -793,8 +793,11 @@ def paged_attention_triton(q, key_cache, value_cache, cu_seqlens_q, seq_lens, bl
 
 # %% ../nbs/24_attention.ipynb #5cb08552
 def attention_backend(device: torch.device | str, backend: str | None = None) -> str:
-    "'triton' or 'torch' for tensors on `device`: `backend` if given, else the platform's choice."
-    backend = backend or get_current_platform().attention_backend
+    """'triton' or 'torch' for tensors on `device`: `backend` if given, else the platform's choice, which for CPU
+    tensors on a GPU machine is 'torch' (Triton compiles there, but not for CPU tensors)."""
+    if backend is None:
+        backend = get_current_platform().attention_backend
+        if backend == 'triton' and torch.device(device).type == 'cpu' and not _interpreting(): backend = 'torch'
     if backend not in ('triton', 'torch'): _fail(f"backend must be 'triton' or 'torch', got {backend!r}")
     if backend == 'triton':
         if triton is None: _fail('the triton backend needs the `triton` package, which is not installed: use backend="torch"')

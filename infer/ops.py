@@ -257,7 +257,7 @@ def apply_rotary_triton_(q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor
             q, k, cos_sin, positions, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin.stride(0),
             H, k.shape[1], D // 2, Q_PAD=q_pad, K_PAD=triton.next_power_of_2(k.shape[1]), HALF_PAD=half_pad,
             ROUND=torch.promote_types(q.dtype, cos_sin.dtype) == q.dtype, BY_HAND=_round_by_hand(q.dtype),
-            num_warps=min(8, max(1, q_pad * half_pad // 256)))
+            num_warps=min(8, max(1, q_pad * half_pad // 256)), enable_fp_fusion=False)
     return q, k
 
 
@@ -315,7 +315,7 @@ def apply_rotary_and_store_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
             key_cache.stride(2), value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
             H, k.shape[1], D // 2, Q_PAD=q_pad, K_PAD=triton.next_power_of_2(k.shape[1]), HALF_PAD=half_pad,
             BLOCK_SIZE=key_cache.shape[1], ROUND=torch.promote_types(q.dtype, cos_sin.dtype) == q.dtype,
-            BY_HAND=_round_by_hand(q.dtype), num_warps=min(8, max(1, q_pad * half_pad // 256)))
+            BY_HAND=_round_by_hand(q.dtype), num_warps=min(8, max(1, q_pad * half_pad // 256)), enable_fp_fusion=False)
     return q, k
 
 # %% ../nbs/24a_ops.ipynb #22fb557c
