@@ -110,8 +110,8 @@ class ModelRunner:
         self.max_model_len, self.max_num_seqs = max_model_len, max_num_seqs
         self.layers = [(kv_cache.key(i), kv_cache.value(i)) for i in range(kv_cache.spec.num_layers)]
         self.sampler = Sampler(torch.Generator(self.device).manual_seed(seed))   # for the rows without a seed of their own
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}           # decode: batch size ->
-        self.prefill_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}   # with prompts: tokens ->
+        self.graphs: dict[int, tuple] = {}          # decode: batch size -> (graph, logits, greedy tokens)
+        self.prefill_graphs: dict[int, tuple] = {}  # with prompts: token count -> (graph, hidden states)
         self.graph_sizes: list[int] = []          # sorted
         self.token_counts: list[int] = []         # sorted
         self._staging: dict[np.dtype, tuple[torch.Tensor, torch.cuda.Event]] = {}   # reused pinned buffers, one per dtype
@@ -150,25 +150,32 @@ class ModelRunner:
                            self.backend, False, attention_out)
 
     @torch.inference_mode()
-    def execute(self, inputs: StepInputs, float32: bool = True, previous: torch.Tensor | None = None) -> torch.Tensor:
-        """The logits `[sampling rows, vocab]` of a step: float32, or the model's dtype (`float32=False`, for an argmax).
-        `previous`: the sampled tokens (on the device) of the step in flight, which `inputs.from_previous` continue from."""
+    def execute(self, inputs: StepInputs, float32: bool = True, previous: torch.Tensor | None = None,
+                greedy: bool = False) -> torch.Tensor:
+        """The logits `[sampling rows, vocab]` of a step: float32, or the model's dtype (`float32=False`); with
+        `greedy=True`, each sampling row's argmax over them instead (int64 `[sampling rows]`). `previous`: the sampled
+        tokens (on the device) of the step in flight, which `inputs.from_previous` continue from."""
         S, T = len(inputs.seq_lens), len(inputs.input_ids)
         if inputs.is_decode and self.graphs and S <= self.graph_sizes[-1]:
-            hidden = self._replay(inputs, previous)[:S]
+            logits, tokens = self._replay(inputs, previous)
+            out = tokens if greedy else logits
             if len(inputs.sample_index) < S:     # a one-token prompt chunk that is not the prompt's end samples nothing
-                hidden = hidden[torch.from_numpy(inputs.sample_index).to(self.device)]
-            return self.model.compute_logits(hidden, float32)
+                out = out[torch.from_numpy(inputs.sample_index).to(self.device)]
+            else: out = out[:S]
+            return out if greedy or not float32 else out.float()
         if not inputs.is_decode and self.prefill_graphs and T <= self.token_counts[-1]:
-            return self.model.compute_logits(self._replay_prefill(inputs, previous), float32)
-        ids, positions, sample_index, into, rows = self._to_device(inputs.input_ids, inputs.positions, inputs.sample_index,
-                                                                   inputs.from_previous, inputs.previous_rows)
-        if len(into): ids.index_copy_(0, into, previous[rows])
-        slots, seq_lens, cu, tables = self._to_device(inputs.slot_mapping, inputs.seq_lens, inputs.cu_seqlens_q,
-                                                      np.ascontiguousarray(inputs.block_tables))
-        ctx = self._context(slots, cu, seq_lens, tables, inputs.max_seqlen_q, inputs.max_seqlen_k)
-        hidden = self.model(ids, positions, ctx)
-        return self.model.compute_logits(hidden[sample_index], float32)
+            hidden = self._replay_prefill(inputs, previous)
+        else:
+            ids, positions, sample_index, into, rows = self._to_device(inputs.input_ids, inputs.positions,
+                                                                       inputs.sample_index, inputs.from_previous,
+                                                                       inputs.previous_rows)
+            if len(into): ids.index_copy_(0, into, previous[rows])
+            slots, seq_lens, cu, tables = self._to_device(inputs.slot_mapping, inputs.seq_lens, inputs.cu_seqlens_q,
+                                                          np.ascontiguousarray(inputs.block_tables))
+            ctx = self._context(slots, cu, seq_lens, tables, inputs.max_seqlen_q, inputs.max_seqlen_k)
+            hidden = self.model(ids, positions, ctx)[sample_index]
+        logits = self.model.compute_logits(hidden, float32 and not greedy)
+        return argmax_rows(logits, backend=self.backend) if greedy else logits
 
 # %% ../nbs/28_engine.ipynb #f963129d
 @patch
@@ -186,26 +193,31 @@ def capture_graphs(self: ModelRunner, sizes: list[int] | None = None, token_coun
     self.p_bounds = torch.zeros(2 * seqs + 1, dtype=torch.int32, device=dev)   # steps with prompts: cu_seqlens_q, seq_lens
     self.p_attention_out = torch.zeros(counts[-1] if counts else 0, o.num_heads, o.head_dim, dtype=self.model.dtype,
                                        device=dev)
+    self.g_logits = torch.empty(sizes[-1], o.vocab_size, dtype=self.model.dtype, device=dev)
     pool = None
 
-    def record(n: int, ctx: StepContext):
+    def record(n: int, ctx: StepContext, decode: bool):
+        def run():
+            hidden = self.model(self.g_long[0, :n], self.g_long[1, :n], ctx)
+            if not decode: return hidden
+            logits = self.model.compute_logits(hidden, False, out=self.g_logits[:n])
+            return logits, argmax_rows(logits, backend=self.backend)
         with torch.inference_mode():
-            self.model(self.g_long[0, :n], self.g_long[1, :n], ctx)           # warm up (Triton compiles) outside capture
+            run()                          # warm up (Triton compiles) outside capture
             torch.cuda.synchronize(dev)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                hidden = self.model(self.g_long[0, :n], self.g_long[1, :n], ctx)
-        return graph, hidden
+            with torch.cuda.graph(graph, pool=pool): outputs = run()
+        return (graph, outputs) if not decode else (graph, *outputs)
 
     for n in reversed(counts):         # largest first: the smaller graphs reuse its memory pool
         ctx = self._context(self.g_slots[:n], self.p_bounds[:seqs + 1], self.p_bounds[seqs + 1:], self.g_tables, 2,
                             self.max_model_len, self.p_attention_out)
-        self.prefill_graphs[n] = graph, _ = record(n, ctx)
-        pool = graph.pool()
+        self.prefill_graphs[n] = record(n, ctx, False)
+        pool = self.prefill_graphs[n][0].pool()
     for b in reversed(sizes):
         ctx = self._context(self.g_slots[:b], self.g_cu[:b + 1], self.g_seq_lens[:b], self.g_tables[:b], 1, self.max_model_len)
-        self.graphs[b] = graph, _ = record(b, ctx)
-        pool = graph.pool()
+        self.graphs[b] = record(b, ctx, True)
+        pool = self.graphs[b][0].pool()
     self.graph_sizes, self.token_counts = sizes, counts
     torch.cuda.synchronize(dev)
 
@@ -227,15 +239,16 @@ def _copy_tokens(self: ModelRunner, inputs: StepInputs, n: int, previous: torch.
     return small_d[n:], sample_index
 
 @patch
-def _replay(self: ModelRunner, inputs: StepInputs, previous: torch.Tensor | None = None) -> torch.Tensor:
-    "Copy a decode step's inputs into the static buffers and replay the smallest graph that holds it; its hidden states."
+def _replay(self: ModelRunner, inputs: StepInputs, previous: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copy a decode step's inputs into the static buffers and replay the smallest graph that holds it; the logits and
+    the argmax tokens of its rows (padding rows included)."""
     S = len(inputs.seq_lens)
     b = self.graph_sizes[bisect.bisect_left(self.graph_sizes, S)]
-    graph, hidden = self.graphs[b]
+    graph, logits, tokens = self.graphs[b]
     seq_lens, _ = self._copy_tokens(inputs, b, previous, inputs.seq_lens, np.ones(b - S, np.int32))
     self.g_seq_lens[:b].copy_(seq_lens)
     graph.replay()
-    return hidden
+    return logits, tokens
 
 @patch
 def _replay_prefill(self: ModelRunner, inputs: StepInputs, previous: torch.Tensor | None = None) -> torch.Tensor:
@@ -495,8 +508,10 @@ def _launch(self: Engine, out: SchedulerOutput, in_flight: _Launched | None) -> 
     sampling = np.flatnonzero(out.samples)
     requests = [out.requests[i] for i in sampling.tolist()]
     inputs = prepare_step(out, self.scheduler.running, self.kv, self._sample_row_of_slot if in_flight else None)
-    logits = self.runner.execute(inputs, float32=self._num_not_greedy > 0, previous=in_flight.tokens if in_flight else None)
-    tokens, logprobs = self._sample(logits, requests, out)
+    greedy = not self._num_not_greedy           # the common case: each row's argmax, in the model's dtype
+    result = self.runner.execute(inputs, float32=not greedy, previous=in_flight.tokens if in_flight else None,
+                                 greedy=greedy)
+    tokens, logprobs = (result, (None, None, None)) if greedy else self._sample(result, requests, out)
     self._sample_row_of_slot[out.slots[sampling]] = np.arange(len(sampling))
     host = tuple(t if t is None else t.to('cpu', non_blocking=True) for t in (tokens, *logprobs))
     ready = None
@@ -507,9 +522,8 @@ def _launch(self: Engine, out: SchedulerOutput, in_flight: _Launched | None) -> 
 
 @patch
 def _sample(self: Engine, logits: torch.Tensor, requests: list[Request], out: SchedulerOutput):
-    "Sampled token ids and (chosen, top ids, top values) logprob tensors (None where nobody asks), all on the device."
-    if not self._num_not_greedy:           # the common case: argmax of model-dtype logits
-        return argmax_rows(logits, backend=self.runner.backend), (None, None, None)
+    """A step that does more than take each row's argmax: token ids and (chosen, top ids, top values) logprob tensors
+    (None where nobody asks), all on the device."""
     params = [r.sampling_params for r in requests]
     prompt_lens = np.fromiter((r.num_prompt_tokens for r in requests), dtype=np.int64, count=len(requests))
     positions = ((out.starts + out.num_tokens)[out.samples] - prompt_lens).tolist()     # the sampled token's output index

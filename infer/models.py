@@ -361,13 +361,15 @@ class CausalLM(nn.Module):
         _check_step(self, input_ids, positions, ctx)
         return self.model(input_ids, positions, ctx)
 
-    def compute_logits(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, float32: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
         """Logits `[N, vocab]` of hidden states `[N, hidden]`: in float32, or with `float32=False` in the model's dtype
-        (enough for an argmax, and half the memory traffic). On the CPU one row (a decode step of one request) runs
-        against a transposed copy of the output matrix, made once: MKL's matrix-vector product with the vocabulary
-        along the contiguous dimension is about twice as fast; more rows go through `linear`."""
+        (enough for an argmax, and half the memory traffic); `out` (the model's dtype, `[N, vocab]`) receives them,
+        as a CUDA graph's static buffer does. On the CPU one row (a decode step of one request) runs against a
+        transposed copy of the output matrix, made once: MKL's matrix-vector product with the vocabulary along the
+        contiguous dimension is about twice as fast; more rows go through `linear`."""
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        if hidden.device.type == 'cpu' and hidden.shape[0] == 1:
+        if out is not None: logits = torch.mm(hidden, weight.t(), out=out)
+        elif hidden.device.type == 'cpu' and hidden.shape[0] == 1:
             if getattr(self, '_output_t', None) is None or self._output_t[0] != weight.data_ptr():
                 self._output_t = (weight.data_ptr(), weight.t().contiguous())
             logits = hidden @ self._output_t[1]
