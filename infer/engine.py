@@ -8,6 +8,7 @@ Docs: https://infer-dev.github.io/infer/engine.html.md"""
 from __future__ import annotations
 
 import bisect
+import gc
 import json
 import os
 import time
@@ -209,15 +210,20 @@ def capture_graphs(self: ModelRunner, sizes: list[int] | None = None, token_coun
             with torch.cuda.graph(graph, pool=pool): outputs = run()
         return (graph, outputs) if not decode else (graph, *outputs)
 
-    for n in reversed(counts):         # largest first: the smaller graphs reuse its memory pool
-        ctx = self._context(self.g_slots[:n], self.p_bounds[:seqs + 1], self.p_bounds[seqs + 1:], self.g_tables, 2,
-                            self.max_model_len, self.p_attention_out)
-        self.prefill_graphs[n] = record(n, ctx, False)
-        pool = self.prefill_graphs[n][0].pool()
-    for b in reversed(sizes):
-        ctx = self._context(self.g_slots[:b], self.g_cu[:b + 1], self.g_seq_lens[:b], self.g_tables[:b], 1, self.max_model_len)
-        self.graphs[b] = record(b, ctx, True)
-        pool = self.graphs[b][0].pool()
+    gc.collect()           # no garbage collection during the captures: one that freed CUDA objects mid-capture broke
+    gc.disable()           # it (a test on the H200, with engines built one after another in one process)
+    try:
+        for n in reversed(counts):         # largest first: the smaller graphs reuse its memory pool
+            ctx = self._context(self.g_slots[:n], self.p_bounds[:seqs + 1], self.p_bounds[seqs + 1:], self.g_tables, 2,
+                                self.max_model_len, self.p_attention_out)
+            self.prefill_graphs[n] = record(n, ctx, False)
+            pool = self.prefill_graphs[n][0].pool()
+        for b in reversed(sizes):
+            ctx = self._context(self.g_slots[:b], self.g_cu[:b + 1], self.g_seq_lens[:b], self.g_tables[:b], 1,
+                                self.max_model_len)
+            self.graphs[b] = record(b, ctx, True)
+            pool = self.graphs[b][0].pool()
+    finally: gc.enable()
     self.graph_sizes, self.token_counts = sizes, counts
     torch.cuda.synchronize(dev)
 
