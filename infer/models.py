@@ -42,7 +42,7 @@ class StepContext:
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]   # per layer (key_cache, value_cache) [blocks, block_size, kv_heads, head_dim]
     backend: str = 'torch'               # 'triton' or 'torch'
     validate: bool = False               # check index values too (syncs with the device)
-    attention_out: torch.Tensor | None = None   # [>= T, heads, head_dim]: where attention writes (a graph's padding rows keep old values)
+    attention_out: torch.Tensor | None = None   # [>= T, heads, head_dim]: attention's output buffer, kept by a graph
 
     def attention_options(self) -> dict:
         "Keyword arguments of `paged_attention` that only the Triton backend takes."

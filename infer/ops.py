@@ -247,17 +247,21 @@ def _rotary_kernel(q_ptr, k_ptr, cos_sin_ptr, positions_ptr, stride_qt, stride_q
     _rotate_heads(k_ptr + t * stride_kt, stride_kh, num_k_heads, cos, sin, half, K_PAD, HALF_PAD, ROUND, BY_HAND)
 
 
+def _rotary_options(q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor) -> dict:
+    "Launch options of the rotation kernels; no FP contraction, which would skip roundings torch makes."
+    q_pad, half_pad = triton.next_power_of_2(q.shape[1]), triton.next_power_of_2(q.shape[2] // 2)
+    return dict(Q_PAD=q_pad, K_PAD=triton.next_power_of_2(k.shape[1]), HALF_PAD=half_pad,
+                ROUND=torch.promote_types(q.dtype, cos_sin.dtype) == q.dtype, BY_HAND=_round_by_hand(q.dtype),
+                num_warps=min(8, max(1, q_pad * half_pad // 256)), enable_fp_fusion=False)
+
+
 def apply_rotary_triton_(q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor, positions: torch.Tensor):
     "Triton: `apply_rotary_reference_` in one kernel for q and k, in place; returns `(q, k)`."
     _check_rotary(q, k, cos_sin, positions, KERNEL_DTYPES)
     T, H, D = q.shape
     if T:
-        q_pad, half_pad = triton.next_power_of_2(H), triton.next_power_of_2(D // 2)
-        _rotary_kernel[(T,)](
-            q, k, cos_sin, positions, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin.stride(0),
-            H, k.shape[1], D // 2, Q_PAD=q_pad, K_PAD=triton.next_power_of_2(k.shape[1]), HALF_PAD=half_pad,
-            ROUND=torch.promote_types(q.dtype, cos_sin.dtype) == q.dtype, BY_HAND=_round_by_hand(q.dtype),
-            num_warps=min(8, max(1, q_pad * half_pad // 256)), enable_fp_fusion=False)
+        _rotary_kernel[(T,)](q, k, cos_sin, positions, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                             cos_sin.stride(0), H, k.shape[1], D // 2, **_rotary_options(q, k, cos_sin))
     return q, k
 
 
@@ -308,14 +312,11 @@ def apply_rotary_and_store_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
         apply_rotary_triton_(q, k, cos_sin, positions)
         store_kv_triton(k, v, key_cache, value_cache, slot_mapping, validate=False)
     elif T:
-        q_pad, half_pad = triton.next_power_of_2(H), triton.next_power_of_2(D // 2)
         _rotary_store_kernel[(T,)](
             q, k, v, cos_sin, positions, key_cache, value_cache, slot_mapping, q.stride(0), q.stride(1), k.stride(0),
             k.stride(1), v.stride(0), v.stride(1), cos_sin.stride(0), key_cache.stride(0), key_cache.stride(1),
             key_cache.stride(2), value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
-            H, k.shape[1], D // 2, Q_PAD=q_pad, K_PAD=triton.next_power_of_2(k.shape[1]), HALF_PAD=half_pad,
-            BLOCK_SIZE=key_cache.shape[1], ROUND=torch.promote_types(q.dtype, cos_sin.dtype) == q.dtype,
-            BY_HAND=_round_by_hand(q.dtype), num_warps=min(8, max(1, q_pad * half_pad // 256)), enable_fp_fusion=False)
+            H, k.shape[1], D // 2, BLOCK_SIZE=key_cache.shape[1], **_rotary_options(q, k, cos_sin))
     return q, k
 
 # %% ../nbs/24a_ops.ipynb #22fb557c
