@@ -158,11 +158,10 @@ class ModelRunner:
         tokens (on the device) of the step in flight, which `inputs.from_previous` continue from."""
         S, T = len(inputs.seq_lens), len(inputs.input_ids)
         if inputs.is_decode and self.graphs and S <= self.graph_sizes[-1]:
-            logits, tokens = self._replay(inputs, previous)
+            logits, tokens, sample_index = self._replay(inputs, previous)
             out = tokens if greedy else logits
-            if len(inputs.sample_index) < S:     # a one-token prompt chunk that is not the prompt's end samples nothing
-                out = out[torch.from_numpy(inputs.sample_index).to(self.device)]
-            else: out = out[:S]
+            # a one-token prompt chunk that is not the prompt's end samples nothing
+            out = out[sample_index] if len(inputs.sample_index) < S else out[:S]
             return out if greedy or not float32 else out.float()
         if not inputs.is_decode and self.prefill_graphs and T <= self.token_counts[-1]:
             hidden = self._replay_prefill(inputs, previous)
@@ -245,16 +244,16 @@ def _copy_tokens(self: ModelRunner, inputs: StepInputs, n: int, previous: torch.
     return small_d[n:], sample_index
 
 @patch
-def _replay(self: ModelRunner, inputs: StepInputs, previous: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _replay(self: ModelRunner, inputs: StepInputs, previous: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """Copy a decode step's inputs into the static buffers and replay the smallest graph that holds it; the logits and
-    the argmax tokens of its rows (padding rows included)."""
+    the argmax tokens of its rows (padding rows included), and the sample index on the device."""
     S = len(inputs.seq_lens)
     b = self.graph_sizes[bisect.bisect_left(self.graph_sizes, S)]
     graph, logits, tokens = self.graphs[b]
-    seq_lens, _ = self._copy_tokens(inputs, b, previous, inputs.seq_lens, np.ones(b - S, np.int32))
+    seq_lens, sample_index = self._copy_tokens(inputs, b, previous, inputs.seq_lens, np.ones(b - S, np.int32))
     self.g_seq_lens[:b].copy_(seq_lens)
     graph.replay()
-    return logits, tokens
+    return logits, tokens, sample_index
 
 @patch
 def _replay_prefill(self: ModelRunner, inputs: StepInputs, previous: torch.Tensor | None = None) -> torch.Tensor:
