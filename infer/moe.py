@@ -20,11 +20,12 @@ except ImportError:    # an older Triton, or none: the weights are read through 
     TensorDescriptor = None
 
 # %% auto #0
-__all__ = ['SCORINGS', 'MAX_ROUTER_TOKENS', 'ACTIVATIONS', 'QUANT_DTYPES', 'ONE_PROGRAM_PAIRS', 'DEFAULT_ROW_CONFIG',
-           'H200_MOE_CONFIGS', 'H200_ROW_CONFIGS', 'MoEError', 'route', 'softmax_topk_triton', 'router_topk_triton',
-           'activate', 'experts_reference', 'max_padded_rows', 'align_reference', 'align_triton', 'combine_triton',
-           'fused_experts_rows', 'row_config', 'moe_config', 'fused_experts_triton', 'fused_experts', 'rel_err',
-           'random_experts', 'SparseMoE', 'quantize_experts', 'quantize_layer_']
+__all__ = ['SCORINGS', 'MAX_ROUTER_TOKENS', 'ROUTER_EXPERTS', 'ROUTER_WARPS', 'ACTIVATIONS', 'QUANT_DTYPES', 'ONE_PROGRAM_PAIRS',
+           'DEFAULT_ROW_CONFIG', 'H200_MOE_CONFIGS', 'H200_ROW_CONFIGS', 'HALF_TILES', 'MoEError', 'route',
+           'softmax_topk_triton', 'router_topk_triton', 'activate', 'experts_reference', 'max_padded_rows',
+           'align_reference', 'align_triton', 'combine_triton', 'fused_experts_rows', 'row_config', 'moe_config',
+           'fused_experts_triton', 'fused_experts', 'rel_err', 'random_experts', 'SparseMoE', 'quantize_experts',
+           'quantize_layer_']
 
 # %% ../nbs/26_moe.ipynb #aad87899
 class MoEError(ValueError):
@@ -137,6 +138,7 @@ def softmax_topk_triton(logits: torch.Tensor, top_k: int, renormalize: bool = Fa
 
 # %% ../nbs/26_moe.ipynb #8a6342cb
 MAX_ROUTER_TOKENS = 16      # router_topk_triton keeps each token's scores in registers
+ROUTER_EXPERTS, ROUTER_WARPS = 1, 2   # router_topk_triton: experts scored by each program, its warps (H200)
 _PDL_DEVICES: dict = {}
 _ARRIVALS: dict = {}
 
@@ -201,13 +203,13 @@ def router_topk_triton(x: torch.Tensor, gate: torch.Tensor, top_k: int, renormal
     weights = torch.empty(T, top_k, dtype=torch.float32, device=x.device)
     ids = torch.empty(T, top_k, dtype=torch.int64, device=x.device)
     logits = torch.empty(T, E, dtype=x.dtype, device=x.device)
-    t_pad, experts = max(2, triton.next_power_of_2(T)), 4
-    block_k = min(triton.next_power_of_2(H), 8192 // (t_pad * experts))
+    t_pad, experts, warps = max(2, triton.next_power_of_2(T)), ROUTER_EXPERTS, ROUTER_WARPS
+    block_k = min(triton.next_power_of_2(H), 64 * 32 * warps // (t_pad * experts))   # 64 products a thread a step
     pdl = _pdl(x)
     _router_topk_kernel[(triton.cdiv(E, experts),)](
         x, gate, logits, weights, ids, count, T, E, H, x.stride(0), gate.stride(0), TOP_K=top_k,
         K_PAD=triton.next_power_of_2(top_k), T_PAD=t_pad, BLOCK_E=triton.next_power_of_2(E), EXPERTS=experts,
-        BLOCK_K=block_k, RENORMALIZE=renormalize, BY_HAND=_round_by_hand(x.dtype), PDL=pdl, num_warps=4,
+        BLOCK_K=block_k, RENORMALIZE=renormalize, BY_HAND=_round_by_hand(x.dtype), PDL=pdl, num_warps=warps,
         **({'launch_pdl': True} if pdl else {}))
     return weights, ids
 
@@ -414,22 +416,13 @@ def _activation(x, ACTIVATION: tl.constexpr):
 
 
 @kernel
-def _experts_matmul_kernel(a_ptr, b_ptr, out_ptr, scale_ptr, weights_ptr, sorted_ptr, block_experts_ptr, num_padded_ptr,
-                           N, K, num_pairs, a_row_div, num_blocks, stride_am, stride_be, stride_bn, stride_bk,
-                           stride_om, stride_se,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                           GATED: tl.constexpr, ACTIVATION: tl.constexpr, WEIGHTED: tl.constexpr,
-                           SCALED: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
-                           DOT_PRECISION: tl.constexpr, BY_HAND: tl.constexpr):
-    pid = tl.program_id(0)
-    blocks_n = tl.cdiv(N, BLOCK_N)
-    first_m = pid // (GROUP_M * blocks_n) * GROUP_M
-    rows_in_group = tl.minimum(num_blocks - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * blocks_n)) % rows_in_group
-    pid_n = (pid % (GROUP_M * blocks_n)) // rows_in_group
-    if pid_m * BLOCK_M >= tl.load(num_padded_ptr): return
-    expert = tl.load(block_experts_ptr + pid_m).to(tl.int64)
-    slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)             # this tile's rows in sorted order
+def _expert_tile(a_ptr, b_ptr, out_ptr, scale_ptr, weights_ptr, sorted_ptr, slot0, pid_n, expert, N, K, num_pairs,
+                 a_row_div, stride_am, stride_be, stride_bn, stride_bk, stride_om, stride_se,
+                 ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATED: tl.constexpr,
+                 ACTIVATION: tl.constexpr, WEIGHTED: tl.constexpr, SCALED: tl.constexpr, EVEN_K: tl.constexpr,
+                 UPCAST: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, BY_HAND: tl.constexpr):
+    "One tile's product: `ROWS` sorted rows from `slot0`, `BLOCK_N` output columns, for one expert (not −1)."
+    slots = slot0 + tl.arange(0, ROWS)                          # this tile's rows in sorted order
     pairs = tl.load(sorted_ptr + slots).to(tl.int64)
     real = pairs < num_pairs
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -437,18 +430,15 @@ def _experts_matmul_kernel(a_ptr, b_ptr, out_ptr, scale_ptr, weights_ptr, sorted
     # down writes each row at its pair's place, in token order, for the combine
     out_ptrs = out_ptr + (slots if GATED else pairs)[:, None] * stride_om + cols[None, :]
     out_mask = real[:, None] & (cols < N)[None, :]
-    if expert < 0:                                   # pairs routed elsewhere: nothing to add
-        if WEIGHTED: tl.store(out_ptrs, tl.zeros([BLOCK_M, BLOCK_N], dtype=out_ptr.dtype.element_ty), mask=out_mask)
-        return
     ks = tl.arange(0, BLOCK_K)
     if TMA:   # Hopper: tiles by the tensor-memory accelerator; the gate and up halves as two products
         n0 = pid_n * BLOCK_N
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        up = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
         if GATED: a_ptrs = a_ptr + (pairs // a_row_div)[:, None] * stride_am + ks[None, :]
         for k0 in range(0, K, BLOCK_K):
             if GATED: a = tl.load(a_ptrs, mask=real[:, None] & ((ks < K - k0) | EVEN_K)[None, :], other=0.0)
-            else: a = a_ptr.load([pid_m * BLOCK_M, k0])       # the down projection's rows: one whole tile
+            else: a = a_ptr.load([slot0, k0])       # the down projection's rows: one whole tile
             b = b_ptr.load([expert.to(tl.int32), n0, k0]).reshape(BLOCK_N, BLOCK_K)
             acc = tl.dot(a, b.to(a.dtype).T, acc)
             if GATED:
@@ -465,7 +455,7 @@ def _experts_matmul_kernel(a_ptr, b_ptr, out_ptr, scale_ptr, weights_ptr, sorted
         b_cols = pid_n * BLOCK_N + lanes % BLOCK_N
         b_rows = b_cols + (lanes >= BLOCK_N) * N
         b_ptrs = b_ptr + expert * stride_be + b_rows[None, :] * stride_bn + ks[:, None] * stride_bk
-        both = tl.zeros([BLOCK_M, WIDTH], dtype=tl.float32)
+        both = tl.zeros([ROWS, WIDTH], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k_ok = (ks < K - k0) | EVEN_K
             a = tl.load(a_ptrs, mask=real[:, None] & k_ok[None, :], other=0.0)
@@ -476,11 +466,50 @@ def _experts_matmul_kernel(a_ptr, b_ptr, out_ptr, scale_ptr, weights_ptr, sorted
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K * stride_bk
         if SCALED: both *= tl.load(scale_ptr + expert * stride_se + b_rows, mask=b_cols < N, other=0.0)[None, :]
-        if GATED: acc, up = tl.split(tl.permute(tl.reshape(both, [BLOCK_M, 2, BLOCK_N]), (0, 2, 1)))
+        if GATED: acc, up = tl.split(tl.permute(tl.reshape(both, [ROWS, 2, BLOCK_N]), (0, 2, 1)))
         else: acc = both
     if GATED: acc = _activation(acc, ACTIVATION) * up
     if WEIGHTED: acc *= tl.load(weights_ptr + pairs, mask=real, other=0.0)[:, None]
     tl.store(out_ptrs, _cast(acc, out_ptr.dtype.element_ty, BY_HAND), mask=out_mask)
+
+
+@kernel
+def _experts_matmul_kernel(a_ptr, a_half_ptr, b_ptr, out_ptr, scale_ptr, weights_ptr, sorted_ptr, block_experts_ptr,
+                           num_padded_ptr, N, K, num_pairs, a_row_div, num_blocks, stride_am, stride_be, stride_bn,
+                           stride_bk, stride_om, stride_se,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                           GATED: tl.constexpr, ACTIVATION: tl.constexpr, WEIGHTED: tl.constexpr,
+                           SCALED: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
+                           DOT_PRECISION: tl.constexpr, BY_HAND: tl.constexpr, HALVES: tl.constexpr):
+    pid = tl.program_id(0)
+    blocks_n = tl.cdiv(N, BLOCK_N)
+    first_m = pid // (GROUP_M * blocks_n) * GROUP_M
+    rows_in_group = tl.minimum(num_blocks - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * blocks_n)) % rows_in_group
+    pid_n = (pid % (GROUP_M * blocks_n)) // rows_in_group
+    slot0 = pid_m * BLOCK_M
+    if slot0 >= tl.load(num_padded_ptr): return
+    expert = tl.load(block_experts_ptr + pid_m).to(tl.int64)
+    if expert < 0:                                   # pairs routed elsewhere: nothing to add
+        if WEIGHTED:
+            slots = slot0 + tl.arange(0, BLOCK_M)
+            pairs = tl.load(sorted_ptr + slots).to(tl.int64)
+            cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            tl.store(out_ptr + pairs[:, None] * stride_om + cols[None, :],
+                     tl.zeros([BLOCK_M, BLOCK_N], dtype=out_ptr.dtype.element_ty),
+                     mask=(pairs < num_pairs)[:, None] & (cols < N)[None, :])
+        return
+    # a run's real rows come first, so a tile whose middle row is padding has only padding after it: half the work
+    if HALVES and tl.load(sorted_ptr + slot0 + BLOCK_M // 2) >= num_pairs:
+        _expert_tile(a_half_ptr, b_ptr, out_ptr, scale_ptr, weights_ptr, sorted_ptr, slot0, pid_n, expert, N, K,
+                     num_pairs, a_row_div, stride_am, stride_be, stride_bn, stride_bk, stride_om, stride_se,
+                     BLOCK_M // 2, BLOCK_N, BLOCK_K, GATED, ACTIVATION, WEIGHTED, SCALED, EVEN_K, UPCAST, TMA,
+                     DOT_PRECISION, BY_HAND)
+    else:
+        _expert_tile(a_ptr, b_ptr, out_ptr, scale_ptr, weights_ptr, sorted_ptr, slot0, pid_n, expert, N, K,
+                     num_pairs, a_row_div, stride_am, stride_be, stride_bn, stride_bk, stride_om, stride_se,
+                     BLOCK_M, BLOCK_N, BLOCK_K, GATED, ACTIVATION, WEIGHTED, SCALED, EVEN_K, UPCAST, TMA,
+                     DOT_PRECISION, BY_HAND)
 
 # %% ../nbs/26_moe.ipynb #e0e963c7
 @kernel
@@ -507,8 +536,7 @@ def combine_triton(rows: torch.Tensor, top_k: int) -> torch.Tensor:
 @kernel
 def _gate_up_rows_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, ids_ptr, num_experts, N, K, stride_xt, stride_we, stride_wn,
                          stride_se, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         ACTIVATION: tl.constexpr, SCALED: tl.constexpr, EVEN_K: tl.constexpr, BY_HAND: tl.constexpr,
-                         PDL: tl.constexpr):
+                         ACTIVATION: tl.constexpr, SCALED: tl.constexpr, BY_HAND: tl.constexpr, PDL: tl.constexpr):
     pair = tl.program_id(0).to(tl.int64)
     if PDL:
         tl.extra.cuda.gdc_wait()                   # the routing comes from the kernel before
@@ -519,16 +547,23 @@ def _gate_up_rows_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, ids_ptr, num_experts,
     ks = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + (pair // TOP_K) * stride_xt + ks
     w_ptrs = w_ptr + expert * stride_we + cols[:, None] * stride_wn + ks[None, :]
+    w_ok = (cols < N)[:, None] & (ks < K)[None, :]
+    g = tl.load(w_ptrs, mask=w_ok, other=0.0)
+    u = tl.load(w_ptrs + N * stride_wn, mask=w_ok, other=0.0)
+    x = tl.load(x_ptrs, mask=ks < K, other=0.0)
     gate = tl.zeros([BLOCK_N], dtype=tl.float32)
     up = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = (ks < K - k0) | EVEN_K
-        x = tl.load(x_ptrs, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+    for k0 in range(BLOCK_K, K + BLOCK_K, BLOCK_K):
+        # the next step's loads go out before this step's sums wait for theirs (none past K: no traffic)
+        k_ok = ks < K - k0
         w_ok = (cols < N)[:, None] & k_ok[None, :]
-        gate += tl.sum(tl.load(w_ptrs, mask=w_ok, other=0.0).to(tl.float32) * x, axis=1)
-        up += tl.sum(tl.load(w_ptrs + N * stride_wn, mask=w_ok, other=0.0).to(tl.float32) * x, axis=1)
-        x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
+        g_next = tl.load(w_ptrs + k0, mask=w_ok, other=0.0)
+        u_next = tl.load(w_ptrs + k0 + N * stride_wn, mask=w_ok, other=0.0)
+        x_next = tl.load(x_ptrs + k0, mask=k_ok, other=0.0)
+        xf = x.to(tl.float32)[None, :]
+        gate += tl.sum(g.to(tl.float32) * xf, axis=1)
+        up += tl.sum(u.to(tl.float32) * xf, axis=1)
+        g, u, x = g_next, u_next, x_next
     if SCALED:
         gate *= tl.load(scale_ptr + expert * stride_se + cols, mask=cols < N, other=0.0)
         up *= tl.load(scale_ptr + expert * stride_se + N + cols, mask=cols < N, other=0.0)
@@ -539,7 +574,7 @@ def _gate_up_rows_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, ids_ptr, num_experts,
 @kernel
 def _down_rows_kernel(h_ptr, w_ptr, out_ptr, scale_ptr, ids_ptr, weights_ptr, num_experts, N, K, stride_we, stride_wn,
                       stride_se, TOP_K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      SCALED: tl.constexpr, EVEN_K: tl.constexpr, BY_HAND: tl.constexpr, PDL: tl.constexpr):
+                      SCALED: tl.constexpr, BY_HAND: tl.constexpr, PDL: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
@@ -549,18 +584,16 @@ def _down_rows_kernel(h_ptr, w_ptr, out_ptr, scale_ptr, ids_ptr, weights_ptr, nu
     rows_ok = valid[:, None, None] & (cols < N)[None, :, None]
     h_ptrs = h_ptr + pairs[:, None] * K + ks[None, :]
     w_ptrs = w_ptr + tl.where(valid, experts, 0)[:, None, None] * stride_we + cols[None, :, None] * stride_wn + ks[None, None, :]
-    k_ok = (ks < K) | EVEN_K
-    w = tl.load(w_ptrs, mask=rows_ok & k_ok[None, None, :], other=0.0)     # the first weights do not depend on the
+    w = tl.load(w_ptrs, mask=rows_ok & (ks < K)[None, None, :], other=0.0)  # the first weights do not depend on the
     if PDL: tl.extra.cuda.gdc_wait()                                        # kernel before: load them, then wait for h
-    h = tl.load(h_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-    acc = tl.sum(w.to(tl.float32) * h[:, None, :], axis=2)
-    for k0 in range(BLOCK_K, K, BLOCK_K):
-        h_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
-        k_ok = (ks < K - k0) | EVEN_K
-        h = tl.load(h_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-        w = tl.load(w_ptrs, mask=rows_ok & k_ok[None, None, :], other=0.0)
-        acc += tl.sum(w.to(tl.float32) * h[:, None, :], axis=2)
+    h = tl.load(h_ptrs, mask=valid[:, None] & (ks < K)[None, :], other=0.0)
+    acc = tl.zeros([K_PAD, BLOCK_N], dtype=tl.float32)
+    for k0 in range(BLOCK_K, K + BLOCK_K, BLOCK_K):
+        k_ok = ks < K - k0                                  # the next step's loads first, as in gate-and-up
+        w_next = tl.load(w_ptrs + k0, mask=rows_ok & k_ok[None, None, :], other=0.0)
+        h_next = tl.load(h_ptrs + k0, mask=valid[:, None] & k_ok[None, :], other=0.0)
+        acc += tl.sum(w.to(tl.float32) * h.to(tl.float32)[:, None, :], axis=2)
+        w, h = w_next, h_next
     if SCALED: acc *= tl.load(scale_ptr + tl.where(valid, experts, 0)[:, None] * stride_se + cols[None, :],
                               mask=valid[:, None] & (cols < N)[None, :], other=0.0)
     weights = tl.load(weights_ptr + pairs, mask=valid, other=0.0)
@@ -570,7 +603,7 @@ def _down_rows_kernel(h_ptr, w_ptr, out_ptr, scale_ptr, ids_ptr, weights_ptr, nu
 
 def _row_tiles(block_n, block_k, num_warps) -> dict: return dict(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
 
-DEFAULT_ROW_CONFIG = (_row_tiles(16, 128, 8), _row_tiles(8, 256, 4))   # the H200's winners at one token, roughly
+DEFAULT_ROW_CONFIG = (_row_tiles(16, 256, 8), _row_tiles(8, 256, 8))   # the H200's winners at one token
 
 
 def _launch_gate_up_rows(x, w13, hidden, scale, ids, activation: str, config: dict):
@@ -578,7 +611,7 @@ def _launch_gate_up_rows(x, w13, hidden, scale, ids, activation: str, config: di
     _gate_up_rows_kernel[(ids.numel(), triton.cdiv(I2 // 2, cfg['BLOCK_N']))](
         x, w13, hidden, scale if scale is not None else w13, ids, E, I2 // 2, H, x.stride(0), w13.stride(0),
         w13.stride(1), scale.stride(0) if scale is not None else 0, TOP_K=k, ACTIVATION=activation,
-        SCALED=scale is not None, EVEN_K=H % cfg['BLOCK_K'] == 0, BY_HAND=_round_by_hand(hidden.dtype), PDL=pdl,
+        SCALED=scale is not None, BY_HAND=_round_by_hand(hidden.dtype), PDL=pdl,
         **cfg, **({'launch_pdl': True} if pdl else {}))
 
 
@@ -587,7 +620,7 @@ def _launch_down_rows(hidden, w2, out, scale, ids, weights, config: dict):
     _down_rows_kernel[(T, triton.cdiv(H, cfg['BLOCK_N']))](
         hidden, w2, out, scale if scale is not None else w2, ids, weights, E, H, I, w2.stride(0), w2.stride(1),
         scale.stride(0) if scale is not None else 0, TOP_K=k, K_PAD=triton.next_power_of_2(k), SCALED=scale is not None,
-        EVEN_K=I % cfg['BLOCK_K'] == 0, BY_HAND=_round_by_hand(out.dtype), PDL=pdl,
+        BY_HAND=_round_by_hand(out.dtype), PDL=pdl,
         **cfg, **({'launch_pdl': True} if pdl else {}))
 
 
@@ -615,8 +648,8 @@ H200_MOE_CONFIGS: dict = {   # (experts, hidden, intermediate, top_k): {tokens: 
         16: (_tile(16, 128, 128, 1, 4, 3), _tile(16, 128, 256, 1, 4, 3)),
         64: (_tile(16, 64, 64, 1, 4, 3), _tile(16, 128, 64, 1, 4, 3)),
         256: (_tile(64, 64, 64, 8, 4, 3), _tile(64, 128, 64, 8, 4, 3)),
-        1024: (_tile(128, 128, 64, 32, 8, 4), _tile(128, 256, 64, 8, 8, 4)),
-        4096: (_tile(128, 128, 64, 8, 8, 3), _tile(128, 256, 64, 8, 8, 3)),
+        1024: (_tile(128, 64, 64, 8, 8, 3), _tile(128, 256, 64, 8, 8, 4)),      # retuned with half tiles
+        4096: (_tile(128, 128, 64, 32, 8, 3), _tile(128, 256, 64, 32, 8, 3)),
     },
     (128, 2048, 768, 8): {   # qwen3
         1: (_tile(16, 64, 256, 1, 4, 3), _tile(16, 128, 256, 1, 4, 3)),
@@ -637,10 +670,10 @@ def _default_configs(rows_per_expert: float) -> tuple[dict, dict]:
 
 
 H200_ROW_CONFIGS: dict = {   # (experts, hidden, intermediate, top_k): {tokens: (gate_up, down)} for the rows path
-    (128, 2048, 768, 8): {   # qwen3: rows beat tiles up to 4 tokens (experts alone: 28 against 30 us at 1, 41 against 50 at 2)
-        1: (_row_tiles(16, 128, 8), _row_tiles(8, 512, 4)),
-        2: (_row_tiles(16, 128, 8), _row_tiles(8, 256, 2)),
-        4: (_row_tiles(8, 256, 8), _row_tiles(32, 128, 8)),
+    (128, 2048, 768, 8): {   # qwen3: rows beat tiles up to 4 tokens (experts alone: 22 against 30 us at 1, 37 against 50 at 2)
+        1: (_row_tiles(16, 256, 8), _row_tiles(8, 256, 8)),
+        2: (_row_tiles(16, 128, 4), _row_tiles(8, 128, 4)),
+        4: (_row_tiles(16, 128, 4), _row_tiles(8, 128, 4)),
     },
 }   # mixtral: tiles win at every count (170 against 176 us at 1 token), so it has no entry
 
@@ -670,6 +703,9 @@ def _tma_ready(a: torch.Tensor, b: torch.Tensor) -> bool:
             and all(stride * b.element_size() % 16 == 0 for stride in b.stride()[:-1]))
 
 
+HALF_TILES = True   # tiles of 64 rows or more run half of themselves where their second half is padding
+
+
 def _launch(a, b, out, scale, weights, aligned, N, K, num_pairs, a_row_div, config, *, gated, activation, weighted):
     sorted_ids, block_experts, num_padded = aligned
     cfg = dict(config)
@@ -677,17 +713,21 @@ def _launch(a, b, out, scale, weights, aligned, N, K, num_pairs, a_row_div, conf
     grid = (num_blocks * triton.cdiv(N, cfg['BLOCK_N']),)
     upcast = _interpreting() and a.dtype != torch.float32
     tma = _tma_ready(a, b)
+    halves = HALF_TILES and cfg['BLOCK_M'] >= 64
+    a_tiles = a_half = a
+    b_tiles = b
     if tma:
         b_tiles = TensorDescriptor(b, list(b.shape), list(b.stride()), [1, cfg['BLOCK_N'], cfg['BLOCK_K']])
-        a_tiles = a if gated else TensorDescriptor(a, list(a.shape), list(a.stride()), [cfg['BLOCK_M'], cfg['BLOCK_K']])
-    else: a_tiles, b_tiles = a, b
+        if not gated:
+            a_tiles, a_half = (TensorDescriptor(a, list(a.shape), list(a.stride()), [rows, cfg['BLOCK_K']])
+                               for rows in (cfg['BLOCK_M'], cfg['BLOCK_M'] // 2))
     _experts_matmul_kernel[grid](
-        a_tiles, b_tiles, out, scale if scale is not None else b, weights, sorted_ids, block_experts, num_padded,
+        a_tiles, a_half, b_tiles, out, scale if scale is not None else b, weights, sorted_ids, block_experts, num_padded,
         N, K, num_pairs, a_row_div, num_blocks, a.stride(0), b.stride(0), b.stride(1), b.stride(2),
         out.stride(0), scale.stride(0) if scale is not None else 0, GATED=gated, ACTIVATION=activation,
         WEIGHTED=weighted, SCALED=scale is not None, EVEN_K=K % cfg['BLOCK_K'] == 0, UPCAST=upcast, TMA=tma,
         DOT_PRECISION='ieee' if a.dtype == torch.float32 or upcast else None, BY_HAND=_round_by_hand(out.dtype),
-        **cfg)
+        HALVES=halves, **cfg)
 
 
 def fused_experts_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,

@@ -411,6 +411,25 @@ def test_fused_experts_explicit_configs(name, T, dtype):
     assert err < TOL[dtype], f'relative error {err:.2e}'
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16], ids=str)
+def test_half_tiles(dtype, monkeypatch):
+    """Tiles of 64 rows whose second half is padding run as 32-row tiles: experts with 70, 100, 64 and 20 pairs give
+    tiles that are full, half-run (tails of 6 and 20 rows) and whole with a tail past the middle (36 rows)."""
+    E, H, I, k, counts = 8, 40, 36, 2, (70, 100, 64, 20)
+    flat = torch.cat([torch.full((n,), e) for e, n in enumerate(counts)])
+    ids = flat[torch.randperm(flat.numel(), generator=gen(3))].view(-1, k).to(DEVICE)
+    weights = torch.rand(ids.shape, generator=gen(4)).to(DEVICE)
+    x = randn(ids.shape[0], H, seed=5, dtype=dtype)
+    w13, w2 = experts(E, H, I, dtype, seed=6)
+    ref = reference64(x, w13, w2, weights, ids, 'silu')
+    outs = {}
+    for halves in (True, False):
+        monkeypatch.setattr(moe, 'HALF_TILES', halves)
+        outs[halves] = fused_experts_triton(x, w13, w2, weights, ids, 'silu', config=CONFIGS['m64'])
+        assert rel_err(outs[halves], ref) < TOL[dtype], (halves, rel_err(outs[halves], ref))
+    assert rel_err(outs[True], outs[False]) < TOL[dtype]
+
+
 @pytest.mark.parametrize('layout, dtype', [('columns', torch.float32), ('rows', torch.bfloat16),
                                            ('transposed', torch.float16), ('strided_weights', torch.float32)], ids=str)
 def test_fused_experts_strided_inputs(layout, dtype):
@@ -940,3 +959,48 @@ def test_ids_outside_the_layer_contribute_nothing(dtype):
     out = fused_experts_triton(x, w13, w2, weights, ids)
     torch.testing.assert_close(out, fused_experts_triton(x, w13, w2, weights, kept), rtol=0, atol=0)
     assert rel_err(out, reference64(x, w13, w2, weights, ids)) < TOL[dtype]
+
+
+# ------------------------------------------------------------------------------------------------- full size (GPU)
+
+FULL_SHAPES = {'mixtral': (8, 4096, 14336, 2), 'qwen3': (128, 2048, 768, 8)}   # experts, hidden, intermediate, top_k
+FULL_ROUTINGS = {'softmax, renormalized': dict(renormalize=True), 'softmax': dict(),
+                 'sigmoid, grouped, bias': dict(scoring='sigmoid', renormalize=True, num_groups=4, topk_groups=2,
+                                                correction_bias=True, scaling=2.5)}
+
+
+@pytest.fixture(scope='module')
+def full_layers():
+    "Each full-size shape's random bf16 experts (and their float32 copies) and a router scaled like a trained one's."
+    g = torch.Generator('cuda').manual_seed(11)
+    made = {}
+    for name, (E, H, I, k) in FULL_SHAPES.items():
+        w13, w2 = random_experts(E, H, I, torch.bfloat16, 'cuda', g)
+        made[name] = w13, w2, (torch.randn(E, H, generator=g, device='cuda') / H ** 0.5).bfloat16(), w13.float(), w2.float()
+    return made
+
+
+@pytest.mark.skipif(DEVICE != 'cuda', reason='full-size layers run on the GPU only')
+@pytest.mark.parametrize('routing', list(FULL_ROUTINGS))
+@pytest.mark.parametrize('shape', list(FULL_SHAPES))
+def test_full_size_layers_match_reference(shape, routing, full_layers):
+    """The Mixtral-8x7B and Qwen3-30B-A3B layers in bf16, every routing mode, 1 to 4,096 tokens (few tokens leave most
+    experts empty; 1 to 4 take Qwen3's rows path, 1,024 and 4,096 its half tiles), some pairs routed elsewhere:
+    the layer against the float32 reference on the same routing, ‖out − ref‖/‖ref‖ < 1e-2."""
+    E, H, I, k = FULL_SHAPES[shape]
+    w13, w2, gate, w13_f32, w2_f32 = full_layers[shape]
+    with torch.device('cuda'): layer = SparseMoE(E, H, I, k, **FULL_ROUTINGS[routing])
+    layer.w13.data, layer.w2.data, layer.gate.weight.data = w13, w2, gate
+    if layer.correction_bias is not None: layer.correction_bias.data = torch.randn(E, device='cuda') * 0.1
+    g = torch.Generator('cuda').manual_seed(E)
+    with torch.no_grad():
+        for T in (1, 2, 4, 16, 64, 256, 1024, 4096):
+            x = torch.randn(T, H, generator=g, device='cuda').bfloat16()
+            weights, ids = layer.route(x)
+            out = layer(x)
+            want = experts_reference(x.float(), w13_f32, w2_f32, weights, ids)
+            assert out.dtype == torch.bfloat16 and rel_err(out, want) < 1e-2, (T, rel_err(out, want))
+            ids[torch.rand(ids.shape, generator=g, device='cuda') < 0.2] = -1               # routed elsewhere
+            out = fused_experts(x, w13, w2, weights, ids)
+            want = experts_reference(x.float(), w13_f32, w2_f32, weights, ids)
+            assert rel_err(out, want) < 1e-2, ('elsewhere', T, rel_err(out, want))
