@@ -675,7 +675,8 @@ H200_ROW_CONFIGS: dict = {   # (experts, hidden, intermediate, top_k): {tokens: 
         2: (_row_tiles(16, 128, 4), _row_tiles(8, 128, 4)),
         4: (_row_tiles(16, 128, 4), _row_tiles(8, 128, 4)),
     },
-}   # mixtral: tiles win at every count (170 against 176 us at 1 token), so it has no entry
+}   # mixtral: tiles won at every count (170 against 176 us at 1 token) before the rows kernels loaded a step ahead;
+    # not retimed since, so it has no entry
 
 
 def row_config(num_experts: int, hidden: int, intermediate: int, tokens: int, top_k: int) -> tuple[dict, dict] | None:
@@ -718,9 +719,9 @@ def _launch(a, b, out, scale, weights, aligned, N, K, num_pairs, a_row_div, conf
     b_tiles = b
     if tma:
         b_tiles = TensorDescriptor(b, list(b.shape), list(b.stride()), [1, cfg['BLOCK_N'], cfg['BLOCK_K']])
-        if not gated:
-            a_tiles, a_half = (TensorDescriptor(a, list(a.shape), list(a.stride()), [rows, cfg['BLOCK_K']])
-                               for rows in (cfg['BLOCK_M'], cfg['BLOCK_M'] // 2))
+        if not gated:   # the down projection's rows come by TMA too, half-height tiles for the half tiles
+            a_tiles = a_half = TensorDescriptor(a, list(a.shape), list(a.stride()), [cfg['BLOCK_M'], cfg['BLOCK_K']])
+            if halves: a_half = TensorDescriptor(a, list(a.shape), list(a.stride()), [cfg['BLOCK_M'] // 2, cfg['BLOCK_K']])
     _experts_matmul_kernel[grid](
         a_tiles, a_half, b_tiles, out, scale if scale is not None else b, weights, sorted_ids, block_experts, num_padded,
         N, K, num_pairs, a_row_div, num_blocks, a.stride(0), b.stride(0), b.stride(1), b.stride(2),
