@@ -8,6 +8,12 @@ Each repeat multiplies `x [rows, in]` by every weight of the set in turn (8 laye
 then the 32,000-row output matrix: 160 MB of float32, more than the CPU caches hold, as in a decode step), once each
 way, alternating; the medians over repeats are compared (`ratio`: F.linear over the second way; `linear`: F.linear
 over infer's). float32, torch's default threads.
+
+    python benchmarks/cpu_linear.py --rows 1,2,16 --others   # also MKL's packed GEMM and oneDNN, and a plain read
+
+`--others` adds two ways torch also has: MKL's packed GEMM (the weights packed once for that many rows, as inductor
+does when it freezes a model) and oneDNN's linear (weights and rows as oneDNN tensors), and first times a plain read
+(`sum`) of as many bytes as the set holds: the floor for any way that reads every weight once.
 """
 import argparse
 import json
@@ -17,12 +23,19 @@ import time
 from pathlib import Path
 
 import torch
+import torch.utils.mkldnn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from infer.models import linear  # noqa: E402
 
 SHAPES = [(1024, 512), (512, 512), (2816, 512), (512, 1408)]     # llama-56m: qkv, o, gate_up, down (out, in)
+
+
+def nn_linear(w: torch.Tensor) -> torch.nn.Linear:
+    layer = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+    layer.weight.data = w
+    return layer
 
 
 def main():
@@ -32,26 +45,42 @@ def main():
     ap.add_argument('--vocab', type=int, default=32000)
     ap.add_argument('--repeats', type=int, default=7)
     ap.add_argument('--out', default='benchmarks/results/cpu_linear.json')
+    ap.add_argument('--others', action='store_true', help="also MKL's packed GEMM, oneDNN, and a plain read")
     args = ap.parse_args()
     torch.manual_seed(0)
     weights = [torch.randn(o, i) for _ in range(args.layers) for o, i in SHAPES] + [torch.randn(args.vocab, 512)]
-    ways = {'x @ W.T (F.linear)': lambda x, w: F.linear(x, w),
-            '(W @ x.T).T': lambda x, w: torch.mm(w, x.t()).t().contiguous(),
-            'infer.models.linear': linear}
-    print(f"{'rows':>6} " + ' '.join(f'{k:>20}' for k in ways) + f" {'ratio':>7} {'linear':>7}   ({torch.get_num_threads()} threads, ms per set)")
     result = dict(threads=torch.get_num_threads(), torch=torch.__version__, rows={})
+    if args.others:
+        flat = torch.randn(sum(w.numel() for w in weights))
+        reads = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            flat.sum()
+            reads.append(time.perf_counter() - start)
+        result['plain_read_ms'] = 1e3 * statistics.median(reads)
+        print(f"plain read of the set's {flat.numel() * 4 / 1e6:.0f} MB: {result['plain_read_ms']:.1f} ms "
+              f"({flat.numel() * 4 / 1e6 / result['plain_read_ms']:.1f} GB/s)")
     for m in map(int, args.rows.split(',')):
         xs = {i: torch.randn(m, i) for i in {i for _, i in SHAPES}}
+        ways = {'x @ W.T (F.linear)': lambda x, w: F.linear(x, w),
+                '(W @ x.T).T': lambda x, w: torch.mm(w, x.t()).t().contiguous(),
+                'infer.models.linear': linear}
+        if args.others:
+            packed = {id(w): torch.ops.mkl._mkl_reorder_linear_weight(w, m) for w in weights}
+            dnn = {id(w): torch.utils.mkldnn.to_mkldnn(nn_linear(w)) for w in weights}
+            dnn_rows = {i: x.to_mkldnn() for i, x in xs.items()}
+            ways['MKL packed'] = lambda x, w, m=m: torch.ops.mkl._mkl_linear(x, packed[id(w)], w, None, m)
+            ways['oneDNN'] = lambda x, w: dnn[id(w)](dnn_rows[x.shape[1]])
         times = {k: [] for k in ways}
-        for _ in range(args.repeats):
-            for k, f in ways.items():
-                start = time.perf_counter()
-                for w in weights: f(xs[w.shape[1]], w)
-                times[k].append(time.perf_counter() - start)
+        with torch.no_grad():
+            for _ in range(args.repeats):
+                for k, f in ways.items():
+                    start = time.perf_counter()
+                    for w in weights: f(xs[w.shape[1]], w)
+                    times[k].append(time.perf_counter() - start)
         med = {k: 1e3 * statistics.median(v) for k, v in times.items()}
-        a, b, c = med.values()
-        result['rows'][m] = dict(ms=med, ratio=a / b, ratio_linear=a / c)
-        print(f'{m:6d} ' + ' '.join(f'{v:20.1f}' for v in med.values()) + f' {a / b:7.2f} {a / c:7.2f}', flush=True)
+        result['rows'][m] = dict(ms=med, over_f_linear={k: med['x @ W.T (F.linear)'] / v for k, v in med.items()})
+        print(f'{m:6d} rows, ms per set: ' + ', '.join(f'{k} {v:.1f}' for k, v in med.items()), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f'wrote {args.out}')
