@@ -6,8 +6,8 @@
 
 Each repeat multiplies `x [rows, in]` by every weight of the set in turn (8 layers of q/k/v, o, gate/up and down,
 then the 32,000-row output matrix: 160 MB of float32, more than the CPU caches hold, as in a decode step), once each
-way, alternating; the medians over repeats are compared (`ratio`: F.linear over the second way; `linear`: F.linear
-over infer's). float32, torch's default threads.
+way, alternating; each way's median over repeats is printed and, in the JSON, `over_f_linear`: F.linear's median
+over that way's. float32, torch's default threads.
 
     python benchmarks/cpu_linear.py --rows 1,2,16 --others   # also MKL's packed GEMM and oneDNN, and a plain read
 

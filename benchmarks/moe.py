@@ -87,6 +87,14 @@ def layer_sharing(block, shape: str) -> M.SparseMoE:
     return layer
 
 
+def random_layer(g, E, H, I, k) -> M.SparseMoE:
+    "infer's softmax-routed (renormalized) bf16 layer alone: random experts, a router scaled like a trained one's."
+    with torch.device(DEV): layer = M.SparseMoE(E, H, I, k, renormalize=True)
+    layer.w13.data, layer.w2.data = M.random_experts(E, H, I, torch.bfloat16, DEV, g)
+    layer.gate.weight.data = (torch.randn(E, H, generator=g, device=DEV) / H ** 0.5).bfloat16()
+    return layer
+
+
 def hf_out(block, x):
     "transformers' block on tokens [T, H] -> [T, H] (some versions also return the router logits)."
     out = block(x[None])
@@ -421,10 +429,7 @@ def launch_ab(args):
                 'neither': (lambda t: False, 0)}
     for shape in args.shapes:
         E, H, I, k = SHAPES[shape]
-        layer = M.SparseMoE(E, H, I, k, renormalize=True).to(DEV)
-        w13, w2 = M.random_experts(E, H, I, torch.bfloat16, DEV, g)
-        layer.w13.data, layer.w2.data = w13, w2
-        layer.gate.weight.data = (torch.randn(E, H, generator=g, device=DEV) / H ** 0.5).bfloat16()
+        layer = random_layer(g, E, H, I, k)
         for T in args.tokens:
             inputs = [torch.randn(T, H, generator=g, device=DEV).bfloat16() for _ in range(INPUT_SETS)]
             row = dict(shape=shape, tokens=T)

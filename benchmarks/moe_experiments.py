@@ -40,14 +40,6 @@ def _read_kernel(w_ptr, ids_ptr, out_ptr, stride_e, BLOCK: tl.constexpr, ITERS: 
     tl.store(out_ptr + j * tl.num_programs(1) + c, tl.sum(acc))
 
 
-def random_layer(g, E, H, I, k):
-    "A softmax-routed (renormalized) bf16 layer of random experts and a router scaled like a trained one's."
-    layer = M.SparseMoE(E, H, I, k, renormalize=True).to(DEV)
-    layer.w13.data, layer.w2.data = M.random_experts(E, H, I, torch.bfloat16, DEV, g)
-    layer.gate.weight.data = (torch.randn(E, H, generator=g, device=DEV) / H ** 0.5).bfloat16()
-    return layer
-
-
 @torch.no_grad()
 def stream(res, g):
     E, H, I, k = B.SHAPES['qwen3']
@@ -69,7 +61,7 @@ def stream(res, g):
 @torch.no_grad()
 def router(res, g):
     E, H, I, k = B.SHAPES['qwen3']
-    layer = random_layer(g, E, H, I, k)
+    layer = B.random_layer(g, E, H, I, k)
     default = M.ROUTER_EXPERTS, M.ROUTER_WARPS
     for T in (1, 2, 4):
         inputs = [torch.randn(T, H, generator=g, device=DEV).bfloat16() for _ in range(B.INPUT_SETS)]
@@ -95,7 +87,7 @@ def halves(res, g):
     default = M.HALF_TILES
     for shape in ('qwen3', 'mixtral'):
         E, H, I, k = B.SHAPES[shape]
-        layer = random_layer(g, E, H, I, k)
+        layer = B.random_layer(g, E, H, I, k)
         for T in (256, 1024, 4096):
             inputs = [torch.randn(T, H, generator=g, device=DEV).bfloat16() for _ in range(B.INPUT_SETS)]
             floor, _ = B.roofline_ms(shape, T, [layer.route(x)[1] for x in inputs])
